@@ -1,0 +1,22 @@
+"""Attention ops for vllm-kvstream (installed as ``vllm_kvstream.kernels``).
+
+Each op has a naive float32 torch reference (importable; the oracle for tests and the path
+the plugin runs on CPU) and a dispatcher. Triton kernels join the references here and the
+dispatcher picks them on CUDA; nothing in this package imports vLLM.
+"""
+
+from vllm_kvstream.kernels.rope import Rope
+from vllm_kvstream.kernels.sink_attention import (
+    RequestSlice,
+    sink_window_attention,
+    sink_window_attention_ref,
+    write_kv_ref,
+)
+
+__all__ = [
+    "RequestSlice",
+    "Rope",
+    "sink_window_attention",
+    "sink_window_attention_ref",
+    "write_kv_ref",
+]

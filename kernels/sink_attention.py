@@ -1,0 +1,140 @@
+"""Paged attention over a sink + window pattern, with keys stored before RoPE.
+
+Semantics (exact, per query token at absolute position ``p``): attend to the tokens
+``[0, S) ∪ [max(S, p - W + 1), p]`` (``S`` sink tokens, ``W`` window tokens, ``W = None``
+for full causal attention). Positions are counted inside the cache as in StreamingLLM:
+with ``e(p) = max(0, p - W + 1 - S)`` tokens evicted before ``p``'s window, the query
+scores a sink key ``i`` at distance ``p - e(p) - i`` and a window key ``j`` at ``p - j``.
+RoPE only sees distances, so the query is rotated twice: at ``p - e(p)`` against the sinks
+(rotated at ``i``) and at ``p - base`` against the window keys (rotated at ``j - base``),
+``base`` being the chunk's first query's ``e``. Every angle stays below S + W + chunk.
+
+Paged layout: ``key_cache`` and ``value_cache`` are ``[num_blocks, kv_heads, block_size,
+head_size]`` views; ``block_table[r, b]`` is the physical block of request ``r``'s logical
+block ``b``. Only blocks holding attended tokens are read: a block the scheduler freed may
+already belong to another request, and its id is never dereferenced here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvstream.kernels.rope import Rope
+
+
+@dataclass(frozen=True)
+class RequestSlice:
+    """One request's part of a batch: query tokens ``[q_start, q_end)`` of the packed batch,
+    which sit at absolute positions ``[seq_len - (q_end - q_start), seq_len)``."""
+
+    q_start: int
+    q_end: int
+    seq_len: int
+    block_row: int
+
+
+def write_kv_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Store ``key``/``value`` ``[T, kv_heads, head_size]`` at flat slots ``block * bs + off``.
+    Negative slots (padding) are skipped."""
+    block_size = key_cache.shape[2]
+    slots = slot_mapping[: key.shape[0]].to(torch.long)
+    valid = slots >= 0
+    if not bool(valid.all()):
+        key, value, slots = key[valid], value[valid], slots[valid]
+    blocks = slots // block_size
+    offsets = slots % block_size
+    key_cache[blocks, :, offsets, :] = key.to(key_cache.dtype)
+    value_cache[blocks, :, offsets, :] = value.to(value_cache.dtype)
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    block_size = cache.shape[2]
+    phys = block_ids[positions // block_size].to(torch.long)
+    return cache[phys, :, positions % block_size, :]  # [K, kv_heads, head_size]
+
+
+def sink_window_attention_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    requests: list[RequestSlice],
+    *,
+    sink_tokens: int,
+    window_tokens: int | None,
+    scale: float,
+    rope: Rope | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Naive float32 reference. ``query`` is ``[T, heads, head_size]`` before RoPE (``rope=None``:
+    keys and queries are used as stored, for models without RoPE). Returns ``[T, heads,
+    head_size]`` in ``query``'s dtype (written into ``out`` when given)."""
+    num_heads = query.shape[1]
+    kv_heads = key_cache.shape[1]
+    group = num_heads // kv_heads
+    if out is None:
+        out = torch.empty_like(query)
+    for req in requests:
+        n = req.q_end - req.q_start
+        if n <= 0:
+            continue
+        seq_len = req.seq_len
+        first = seq_len - n
+        device = query.device
+        pos_q = torch.arange(first, seq_len, device=device)
+        if window_tokens is None:
+            evicted = torch.zeros_like(pos_q)
+            lo = 0
+        else:
+            evicted = (pos_q - window_tokens + 1 - sink_tokens).clamp_min(0)
+            lo = max(0, first - window_tokens + 1)
+        base = int(evicted[0])
+        n_sink = min(sink_tokens, seq_len)
+        rest_lo = max(n_sink, lo)
+        pos_sink = torch.arange(0, n_sink, device=device)
+        pos_rest = torch.arange(rest_lo, seq_len, device=device)
+        blocks = block_table[req.block_row]
+
+        q = query[req.q_start : req.q_end].float()
+        k_sink = _gather(key_cache, blocks, pos_sink).float()
+        k_rest = _gather(key_cache, blocks, pos_rest).float()
+        v = torch.cat(
+            (_gather(value_cache, blocks, pos_sink), _gather(value_cache, blocks, pos_rest))
+        ).float()
+        if rope is not None:
+            q_sink = rope.rotate(q, pos_q - evicted)
+            q_rest = rope.rotate(q, pos_q - base)
+            k_sink = rope.rotate(k_sink, pos_sink)
+            k_rest = rope.rotate(k_rest, pos_rest - base)
+        else:
+            q_sink = q_rest = q
+
+        # [kv_heads, group, n, D] x [kv_heads, K, D] -> [kv_heads, group, n, K]
+        def scores(qx: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
+            qx = qx.view(n, kv_heads, group, -1).permute(1, 2, 0, 3)
+            return torch.einsum("hgqd,khd->hgqk", qx, kx) * scale
+
+        s = torch.cat((scores(q_sink, k_sink), scores(q_rest, k_rest)), dim=-1)
+        visible_sink = pos_sink[None, :] <= pos_q[:, None]
+        visible_rest = pos_rest[None, :] <= pos_q[:, None]
+        if window_tokens is not None:
+            visible_rest &= pos_rest[None, :] > (pos_q[:, None] - window_tokens)
+        visible = torch.cat((visible_sink, visible_rest), dim=-1)
+        s = s.masked_fill(~visible, float("-inf"))
+        p = torch.softmax(s, dim=-1)
+        o = torch.einsum("hgqk,khd->qhgd", p, v).reshape(n, num_heads, -1)
+        out[req.q_start : req.q_end] = o.to(out.dtype)
+    return out
+
+
+def sink_window_attention(*args, **kwargs) -> torch.Tensor:
+    """Dispatcher: the torch reference everywhere until a Triton kernel is registered for CUDA."""
+    return sink_window_attention_ref(*args, **kwargs)

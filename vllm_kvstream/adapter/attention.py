@@ -1,0 +1,237 @@
+"""Worker side: an attention backend that applies the policy's sink + window pattern and reads
+only the blocks the policy keeps.
+
+Why a backend of its own: vLLM's worker block tables are append-only. After the scheduler
+frees a block, the request's row on the worker still holds the old id, which may already
+belong to another request; stock CPU attention would read it. This backend derives the kept
+token positions from the policy (a pure function of the sequence length, the same function
+the scheduler used to free blocks) and dereferences only those blocks: evicted blocks are
+skipped, not masked. It also owns RoPE (keys are cached before RoPE, see ``rope.py``).
+
+How it is selected (monkeypatch, written down): on CPU the platform always answers
+``CPU_ATTN``. :func:`route_backend` wraps the platform's ``get_attn_backend_cls`` so that,
+while the config being served names a policy, decoder attention resolves to
+:class:`KVStreamBackend`; with no policy the wrapper returns the platform's answer untouched.
+Upstream change that would remove it: a platform honouring a backend chosen per KV-cache
+spec kind by plugins (``attention_config.backend_per_kind`` exists but the CPU platform
+ignores the selected backend).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm_kvstream.adapter.compat import probe
+from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_spec
+from vllm_kvstream.adapter.rope import recorded_rope
+from vllm_kvstream.adapter.state import active_policy, current_config, policy_for, remember_engine_config
+from vllm_kvstream.kernels import RequestSlice, Rope, sink_window_attention, write_kv_ref
+from vllm_kvstream.policies import KVPolicy
+
+_backend_mod = probe("vllm.v1.attention.backend")
+AttentionBackend = _backend_mod.AttentionBackend
+AttentionImpl = _backend_mod.AttentionImpl
+AttentionMetadataBuilder = _backend_mod.AttentionMetadataBuilder
+AttentionType = _backend_mod.AttentionType
+MultipleOf = _backend_mod.MultipleOf
+FullAttentionSpec = probe("vllm.v1.kv_cache_interface:FullAttentionSpec")
+KVCacheLayout = probe("vllm.v1.kv_cache_interface:KVCacheLayout")
+
+BACKEND_PATH = "vllm_kvstream.adapter.attention.KVStreamBackend"
+
+
+def _max_query_tokens() -> int:
+    config = current_config()
+    if config is None:
+        raise RuntimeError("vllm-kvstream: customize_spec called before any vLLM config was set")
+    return int(config.max_in_flight_tokens)
+
+
+class KVStreamBackend(AttentionBackend):
+    forward_includes_kv_cache_update: bool = False
+    supported_dtypes: ClassVar[list[torch.dtype]] = [torch.float16, torch.bfloat16, torch.float32]
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_supported_kernel_block_sizes(kv_cache_spec=None):
+        return [MultipleOf(16)]
+
+    @classmethod
+    def supported_kv_cache_layouts(cls):
+        return (KVCacheLayout.LBHNC,)
+
+    @staticmethod
+    def get_name() -> str:
+        return "CUSTOM"  # a name vLLM's backend enum knows; CUSTOM is the slot for out-of-tree backends
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+    @staticmethod
+    def get_impl_cls():
+        return KVStreamImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return KVStreamMetadataBuilder
+
+    @classmethod
+    def customize_spec(cls, spec):
+        policy = active_policy()
+        if policy is None or type(spec) is not FullAttentionSpec:
+            return spec
+        if spec.block_size == 1:  # per-token page-size probes by the platform
+            return spec
+        return make_spec(spec, policy, _max_query_tokens())
+
+
+@dataclass
+class KVStreamMetadata:
+    num_actual_tokens: int
+    requests: list[RequestSlice]
+    block_table: torch.Tensor
+    slot_mapping: torch.Tensor
+
+
+class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> KVStreamMetadata:
+        cm = common_attn_metadata
+        qsl = cm.query_start_loc_cpu.tolist()
+        seq_lens = cm.seq_lens.cpu().tolist()
+        requests = [
+            RequestSlice(q_start=qsl[i], q_end=qsl[i + 1], seq_len=seq_lens[i], block_row=i)
+            for i in range(cm.num_reqs)
+        ]
+        return KVStreamMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            requests=requests,
+            block_table=cm.block_table_tensor,
+            slot_mapping=cm.slot_mapping,
+        )
+
+
+class KVStreamImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **kwargs,
+    ) -> None:
+        unsupported = {
+            "alibi_slopes": alibi_slopes is not None,
+            "sliding_window (model-defined)": sliding_window is not None,
+            "logits_soft_cap": bool(logits_soft_cap),
+            "kv_sharing_target_layer_name": kv_sharing_target_layer_name is not None,
+            "learned attention sinks": sinks is not None,
+            f"kv_cache_dtype={kv_cache_dtype!r}": kv_cache_dtype != "auto",
+        }
+        bad = [name for name, present in unsupported.items() if present]
+        if bad:
+            raise NotImplementedError(
+                f"vllm-kvstream: KV policies do not support {', '.join(bad)} yet; "
+                "supported: decoder attention with plain RoPE and kv_cache_dtype='auto'."
+            )
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
+        policy = active_policy()
+        if policy is None:
+            raise RuntimeError("vllm-kvstream: attention backend built without a KV policy in the config")
+        from vllm.config import get_current_vllm_config_or_none
+
+        remember_engine_config(get_current_vllm_config_or_none())
+        self.policy: KVPolicy = policy
+        self._rope: Rope | None = None
+
+    @property
+    def rope(self) -> Rope:
+        if self._rope is None:
+            self._rope = recorded_rope()
+        return self._rope
+
+    @staticmethod
+    def _split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Per-layer view [num_blocks, kv_heads, block_size, 2 * head_size]: K | V on the last dim.
+        head_size = kv_cache.shape[-1] // 2
+        return kv_cache[..., :head_size], kv_cache[..., head_size:]
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
+        key_cache, value_cache = self._split(kv_cache)
+        write_kv_ref(key, value, key_cache, value_cache, slot_mapping)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("vllm-kvstream: fused output quantization is not supported")
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        n = attn_metadata.num_actual_tokens
+        key_cache, value_cache = self._split(kv_cache)
+        pattern = self.policy.pattern
+        sink_window_attention(
+            query[:n],
+            key_cache,
+            value_cache,
+            attn_metadata.block_table,
+            attn_metadata.requests,
+            sink_tokens=pattern.sink_tokens,
+            window_tokens=pattern.window_tokens,
+            scale=self.scale,
+            rope=self.rope,
+            out=output[:n],
+        )
+        return output
+
+
+def route_backend() -> None:
+    """Wrap the platform's backend choice (see module docstring). Idempotent."""
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    original = platform_cls.get_attn_backend_cls
+    if getattr(original, "__kvstream_wrapped__", False):
+        return
+    original_func = original.__func__
+
+    def get_attn_backend_cls(cls, selected_backend, attn_selector_config, *args, **kwargs):
+        path = original_func(cls, selected_backend, attn_selector_config, *args, **kwargs)
+        if (
+            active_policy() is not None
+            and not attn_selector_config.use_mla
+            and attn_selector_config.attn_type == AttentionType.DECODER
+        ):
+            return BACKEND_PATH
+        return path
+
+    get_attn_backend_cls.__kvstream_wrapped__ = True
+    platform_cls.get_attn_backend_cls = classmethod(get_attn_backend_cls)
+
+
+def clear_backend_cache() -> None:
+    """vLLM caches backend choices per process without the policy in the key; a process that
+    builds a second engine (tests, notebooks) must not inherit the first one's choice."""
+    selector = probe("vllm.v1.attention.selector")
+    cached = getattr(selector, "_cached_get_attn_backend", None)
+    if cached is not None and hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+
+
+__all__ = ["BACKEND_PATH", "KVStreamAttentionSpec", "KVStreamBackend", "policy_for", "route_backend"]

@@ -1,0 +1,151 @@
+"""``--kv-policy`` / ``--kv-policy-config`` on stock ``vllm serve``, and the one place where the
+policy settings are validated (building the engine config).
+
+Monkeypatches, written down:
+
+* ``EngineArgs.add_cli_args`` is wrapped to add the two flags (the plugin is loaded before
+  ``vllm serve`` builds its parser). Removable when vLLM offers plugin CLI arguments.
+* ``EngineArgs.from_cli_args`` is wrapped to fold the flags into ``additional_config``, the
+  channel vLLM already carries to every process. Bad values end the command with a one-line
+  error naming the value and what is allowed.
+* ``EngineArgs.create_engine_config`` is wrapped to validate the settings (offline ``LLM``
+  and ``vllm serve`` both pass here, before any engine process starts), write them back
+  normalized, and size the engine for streaming: a bounded policy raises ``max_model_len``
+  to the policy's ``max_stream_tokens`` (unless the user set one) so that length is not what
+  stops a stream, and allows it past the model's trained length (safe: positions inside the
+  cache never exceed sink + window). After vLLM's own checks it verifies the policy against
+  the block size and the model's trained context. Removable when vLLM lets a KV-cache spec
+  declare that it bounds positions (and so ``max_model_len``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from vllm_kvstream.adapter.compat import probe
+from vllm_kvstream.errors import KVStreamConfigError
+from vllm_kvstream.policies import available_policies
+from vllm_kvstream.settings import PARAMS_KEY, POLICY_KEY, normalized, parse_params_json, policy_from_additional_config
+
+logger = logging.getLogger(__name__)
+
+_FLAG_DEST_POLICY = "kv_policy"
+_FLAG_DEST_PARAMS = "kv_policy_config"
+
+
+def _add_flags(parser) -> None:
+    if any(_FLAG_DEST_POLICY == getattr(a, "dest", None) for a in parser._actions):
+        return
+    group = parser.add_argument_group(
+        "vllm-kvstream", "Bounded-memory streaming KV-cache policies (vllm-kvstream plugin)."
+    )
+    names = available_policies()
+    group.add_argument(
+        "--kv-policy",
+        dest=_FLAG_DEST_POLICY,
+        default=None,
+        choices=names,
+        help=f"KV-cache policy: {', '.join(names)}. Without it the plugin is inert.",
+    )
+    group.add_argument(
+        "--kv-policy-config",
+        dest=_FLAG_DEST_PARAMS,
+        default=None,
+        type=str,
+        help='Policy parameters as JSON, e.g. \'{"sink_tokens": 4, "window_tokens": 1020}\'.',
+    )
+
+
+def fold_flags_into_additional_config(args: argparse.Namespace, additional_config: dict | None) -> dict:
+    """The engine's ``additional_config`` with the two flags merged in (flags win)."""
+    merged = dict(additional_config or {})
+    policy = getattr(args, _FLAG_DEST_POLICY, None)
+    params = getattr(args, _FLAG_DEST_PARAMS, None)
+    if policy is not None:
+        merged[POLICY_KEY] = policy
+    if params is not None:
+        merged[PARAMS_KEY] = parse_params_json(params)
+    return merged
+
+
+def prepare_engine_args(engine_args) -> None:
+    """Validate and normalize the policy settings on ``engine_args`` and size the engine for
+    streaming. Raises :class:`KVStreamConfigError`."""
+    policy = policy_from_additional_config(engine_args.additional_config)
+    from vllm_kvstream.adapter.attention import clear_backend_cache
+    from vllm_kvstream.adapter.rope import forget_recorded_ropes
+    from vllm_kvstream.adapter.state import forget_engine_config
+
+    clear_backend_cache()
+    forget_recorded_ropes()
+    forget_engine_config()
+    _forget_cached_ropes()
+    if policy is None:
+        return
+    engine_args.additional_config = {**engine_args.additional_config, **normalized(policy)}
+    if engine_args.kv_cache_dtype not in (None, "auto"):
+        raise KVStreamConfigError(
+            f"--kv-cache-dtype {engine_args.kv_cache_dtype!r} is not supported with --kv-policy "
+            f"{policy.name!r}; allowed: auto"
+        )
+    if policy.bounded:
+        os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+        if engine_args.max_model_len is None:
+            engine_args.max_model_len = policy.max_stream_tokens
+    logger.info("vllm-kvstream: KV policy %s", policy.describe())
+
+
+def check_engine_config(vllm_config) -> None:
+    policy = policy_from_additional_config(vllm_config.additional_config)
+    if policy is None:
+        return
+    hf = vllm_config.model_config.hf_text_config
+    trained = getattr(hf, "max_position_embeddings", None)
+    policy.check_engine_fit(block_size=vllm_config.cache_config.block_size, trained_context=trained)
+
+
+def _forget_cached_ropes() -> None:
+    # get_rope() caches rotary ops per process, keyed without the policy: a process that
+    # builds a second engine must not reuse a pass-through op for a stock engine or vice versa.
+    rope_mod = probe("vllm.model_executor.layers.rotary_embedding")
+    cache = getattr(rope_mod, "_ROPE_DICT", None)
+    if isinstance(cache, dict):
+        cache.clear()
+
+
+def patch_engine_args() -> None:
+    """Install the three wrappers (idempotent)."""
+    EngineArgs = probe("vllm.engine.arg_utils:EngineArgs")
+    if getattr(EngineArgs, "__kvstream_patched__", False):
+        return
+
+    orig_add = EngineArgs.add_cli_args
+    orig_from = EngineArgs.from_cli_args.__func__
+    orig_create = EngineArgs.create_engine_config
+
+    def add_cli_args(parser, *args, **kwargs):
+        parser = orig_add(parser, *args, **kwargs)
+        _add_flags(parser)
+        return parser
+
+    def from_cli_args(cls, args):
+        engine_args = orig_from(cls, args)
+        try:
+            engine_args.additional_config = fold_flags_into_additional_config(args, engine_args.additional_config)
+            policy_from_additional_config(engine_args.additional_config)
+        except KVStreamConfigError as exc:
+            raise SystemExit(f"vllm-kvstream: error: {exc}") from None
+        return engine_args
+
+    def create_engine_config(self, *args, **kwargs):
+        prepare_engine_args(self)
+        vllm_config = orig_create(self, *args, **kwargs)
+        check_engine_config(vllm_config)
+        return vllm_config
+
+    EngineArgs.add_cli_args = staticmethod(add_cli_args)
+    EngineArgs.from_cli_args = classmethod(from_cli_args)
+    EngineArgs.create_engine_config = create_engine_config
+    EngineArgs.__kvstream_patched__ = True

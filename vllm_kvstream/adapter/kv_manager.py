@@ -1,0 +1,115 @@
+"""Scheduler side: a KV cache spec that carries the policy, and a manager that frees the
+blocks the policy no longer keeps, back to vLLM's block pool, as the stream proceeds.
+
+Route (no monkeypatch): the attention backend's ``customize_spec`` turns the layer's
+``FullAttentionSpec`` into :class:`KVStreamAttentionSpec`; ``KVCacheSpecRegistry`` maps that
+spec to :class:`KVStreamManager`, grouped with full attention
+(``uniform_type_base_spec=FullAttentionSpec``). Re-mapping ``FullAttentionSpec`` itself is
+not possible: engine start re-registers the built-ins and the registry rejects a conflict.
+
+Freeing: vLLM calls ``remove_skipped_blocks(req, processed_tokens)`` before every
+allocation, between chunked-prefill chunks too. The base class can only skip a *leading*
+range (``get_num_skipped_tokens``); a sink policy frees a middle range, so the manager
+overrides ``remove_skipped_blocks`` and frees ``[after the sink blocks, before the next
+query's window)`` with ``_remove_blocks_in_range`` (which puts the null block in their
+place and stops at the first null, so repeated calls are cheap). Prefix-cache hits are
+trimmed the same way right after they are attached, so a long cached prefix does not pin
+its middle blocks.
+
+Sizing: vLLM sizes start-up and admission for ``max_model_len`` tokens per request; this
+spec reports the policy's bound instead (``max_memory_usage_bytes``), and the manager caps
+admission by the same number, so a pool that holds a few windows serves a 1M-token stream.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from functools import cached_property
+from typing import Any
+
+from vllm_kvstream.adapter.compat import probe
+from vllm_kvstream.policies import KVPolicy, build_policy
+
+FullAttentionSpec = probe("vllm.v1.kv_cache_interface:FullAttentionSpec")
+FullAttentionManager = probe("vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager")
+KVCacheSpecRegistry = probe("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry")
+
+
+@dataclass(frozen=True, kw_only=True)
+class KVStreamAttentionSpec(FullAttentionSpec):
+    """Full-attention page layout plus the policy that decides which blocks are kept."""
+
+    kv_policy: str = "full"
+    kv_policy_params: tuple[tuple[str, Any], ...] = ()
+    #: Tokens computed at once per request at most (a prefill chunk), for the block bound.
+    max_query_tokens: int = 1
+
+    @cached_property
+    def policy(self) -> KVPolicy:
+        return build_policy(self.kv_policy, dict(self.kv_policy_params))
+
+    def max_blocks_per_request(self, max_model_len: int) -> int:
+        return self.policy.max_blocks_per_request(self.block_size, self.max_query_tokens, max_model_len)
+
+    def max_memory_usage_bytes(self, vllm_config) -> int:
+        if not self.policy.bounded:
+            return super().max_memory_usage_bytes(vllm_config)
+        return self.max_blocks_per_request(vllm_config.model_config.max_model_len) * self.page_size_bytes
+
+    @classmethod
+    def merge(cls, specs: list[KVStreamAttentionSpec]) -> KVStreamAttentionSpec:
+        extra = {(s.kv_policy, s.kv_policy_params, s.max_query_tokens) for s in specs}
+        if len(extra) != 1:
+            raise ValueError(f"vllm-kvstream: layers of one KV cache group disagree on the policy: {extra}")
+        base = FullAttentionSpec.merge(specs)
+        kv_policy, params, max_query = extra.pop()
+        values = {f.name: getattr(base, f.name) for f in fields(FullAttentionSpec)}
+        return cls(**values, kv_policy=kv_policy, kv_policy_params=params, max_query_tokens=max_query)
+
+
+def make_spec(spec, policy: KVPolicy, max_query_tokens: int) -> KVStreamAttentionSpec:
+    values = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
+    return KVStreamAttentionSpec(
+        **values,
+        kv_policy=policy.name,
+        kv_policy_params=tuple(sorted(policy.config.model_dump().items())),
+        max_query_tokens=max_query_tokens,
+    )
+
+
+class KVStreamManager(FullAttentionManager):
+    """Full-attention bookkeeping (prefix caching, hashing) plus policy-driven freeing."""
+
+    def __init__(self, kv_cache_spec: KVStreamAttentionSpec, **kwargs) -> None:
+        super().__init__(kv_cache_spec, **kwargs)
+        self.policy = kv_cache_spec.policy
+        if self.policy.bounded and self.max_admission_blocks_per_request is None:
+            # vLLM passes an admission cap only to its own recycling specs; this spec recycles
+            # too, so cap admission by the same bound start-up sizing used.
+            self.max_admission_blocks_per_request = kv_cache_spec.max_blocks_per_request(1 << 62)
+
+    def _free_outside_policy(self, request_id: str, processed_tokens: int) -> None:
+        first, last = self.policy.freeable_block_range(processed_tokens, self.block_size)
+        if last > first:
+            self._remove_blocks_in_range(request_id, first, last)
+
+    def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None) -> None:
+        self._free_outside_policy(request_id, processed_computed_tokens)
+
+    def add_local_computed_blocks(self, request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens) -> None:
+        super().add_local_computed_blocks(
+            request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens
+        )
+        self._free_outside_policy(request_id, num_local_computed_tokens + num_external_computed_tokens)
+
+    def held_blocks(self, request_id: str) -> int:
+        """Blocks this request holds in the pool (null placeholders excluded)."""
+        return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))
+
+
+def register_kv_manager() -> None:
+    """Map the spec to the manager (idempotent: the registry accepts an identical repeat)."""
+    KVCacheSpecRegistry._ensure_registered()
+    KVCacheSpecRegistry.register(
+        KVStreamAttentionSpec, KVStreamManager, uniform_type_base_spec=FullAttentionSpec
+    )
