@@ -55,10 +55,18 @@ def write_kv_ref(
     value_cache[blocks, :, offsets, :] = value.to(value_cache.dtype)
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def _gather_range(cache: torch.Tensor, block_row: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Tokens ``[lo, hi)`` of one request as ``[hi - lo, kv_heads, head_size]``, reading only the
+    blocks that hold them."""
     block_size = cache.shape[2]
-    phys = block_ids[positions // block_size].to(torch.long)
-    return cache[phys, :, positions % block_size, :]  # [K, kv_heads, head_size]
+    if hi <= lo:
+        return cache.new_empty((0, cache.shape[1], cache.shape[3]))
+    first = lo // block_size
+    last = -(-hi // block_size)
+    blocks = cache.index_select(0, block_row[first:last].to(torch.long))  # [m, H, bs, D]
+    tokens = blocks.permute(0, 2, 1, 3).reshape(-1, cache.shape[1], cache.shape[3])
+    start = lo - first * block_size
+    return tokens[start : start + (hi - lo)]
 
 
 def sink_window_attention_ref(
@@ -104,33 +112,37 @@ def sink_window_attention_ref(
         blocks = block_table[req.block_row]
 
         q = query[req.q_start : req.q_end].float()
-        k_sink = _gather(key_cache, blocks, pos_sink).float()
-        k_rest = _gather(key_cache, blocks, pos_rest).float()
+        k_sink = _gather_range(key_cache, blocks, 0, n_sink).float()
+        k_rest = _gather_range(key_cache, blocks, rest_lo, seq_len).float()
         v = torch.cat(
-            (_gather(value_cache, blocks, pos_sink), _gather(value_cache, blocks, pos_rest))
+            (
+                _gather_range(value_cache, blocks, 0, n_sink),
+                _gather_range(value_cache, blocks, rest_lo, seq_len),
+            )
         ).float()
         if rope is not None:
-            q_sink = rope.rotate(q, pos_q - evicted)
+            q_sink = rope.rotate(q, pos_q - evicted) if n_sink else q
             q_rest = rope.rotate(q, pos_q - base)
             k_sink = rope.rotate(k_sink, pos_sink)
             k_rest = rope.rotate(k_rest, pos_rest - base)
         else:
             q_sink = q_rest = q
 
-        # [kv_heads, group, n, D] x [kv_heads, K, D] -> [kv_heads, group, n, K]
         def scores(qx: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
-            qx = qx.view(n, kv_heads, group, -1).permute(1, 2, 0, 3)
-            return torch.einsum("hgqd,khd->hgqk", qx, kx) * scale
+            # [n, Hq, D] -> [Hkv, group * n, D];  [K, Hkv, D] -> [Hkv, D, K]
+            qx = qx.view(n, kv_heads, group, -1).permute(1, 2, 0, 3).reshape(kv_heads, group * n, -1)
+            return torch.bmm(qx, kx.permute(1, 2, 0)) * scale  # [Hkv, group * n, K]
 
         s = torch.cat((scores(q_sink, k_sink), scores(q_rest, k_rest)), dim=-1)
         visible_sink = pos_sink[None, :] <= pos_q[:, None]
         visible_rest = pos_rest[None, :] <= pos_q[:, None]
         if window_tokens is not None:
             visible_rest &= pos_rest[None, :] > (pos_q[:, None] - window_tokens)
-        visible = torch.cat((visible_sink, visible_rest), dim=-1)
+        visible = torch.cat((visible_sink, visible_rest), dim=-1).repeat(group, 1)  # [group * n, K]
         s = s.masked_fill(~visible, float("-inf"))
         p = torch.softmax(s, dim=-1)
-        o = torch.einsum("hgqk,khd->qhgd", p, v).reshape(n, num_heads, -1)
+        o = torch.bmm(p, v.permute(1, 0, 2))  # [Hkv, group * n, D]
+        o = o.view(kv_heads, group, n, -1).permute(2, 0, 1, 3).reshape(n, num_heads, -1)
         out[req.q_start : req.q_end] = o.to(out.dtype)
     return out
 
