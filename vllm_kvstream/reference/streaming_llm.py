@@ -36,6 +36,7 @@ __all__ = [
     "full_logprobs",
     "kept_token_indices",
     "streaming_logprobs",
+    "streaming_logprobs_stepwise",
     "streaming_perplexity",
 ]
 
@@ -62,19 +63,62 @@ def _model_device_dtype(model) -> tuple[torch.device, torch.dtype]:
     return weight.device, weight.dtype
 
 
-def full_logprobs(model, token_ids: Sequence[int]) -> torch.Tensor:
-    """Ordinary full-attention forward of ``model`` over the whole sequence.
+def _decoder_layers(model) -> list:
+    layers = list(model.model.layers[: model.config.num_hidden_layers])
+    for layer in layers:
+        attn = layer.self_attn
+        if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
+            raise NotImplementedError("q/k norms are not supported by this Llama reference")
+    return layers
 
-    Returns a float32 CPU tensor ``[T, vocab]`` of next-token log-probabilities.
+
+class _RopeTables:
+    """``rotary_emb`` cos/sin for cache positions ``0 .. n-1``, computed once per distinct ``n``."""
+
+    def __init__(self, rotary_emb, like: torch.Tensor) -> None:
+        self._rotary_emb = rotary_emb
+        self._like = like
+        self._tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if n not in self._tables:
+            position_ids = torch.arange(n, device=self._like.device).unsqueeze(0)
+            self._tables[n] = self._rotary_emb(self._like, position_ids=position_ids)  # [1, n, D]
+        return self._tables[n]
+
+
+def _attend_one_query(
+    attn,
+    q: torch.Tensor,
+    k_kept: torch.Tensor,
+    v_kept: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """Attention of a single query over the kept cache entries, with cache-relative RoPE.
+
+    ``q``: ``[1, H, 1, D]`` pre-RoPE query; ``k_kept`` / ``v_kept``: ``[1, Hkv, n, D]`` pre-RoPE
+    keys and values in cache order; ``cos`` / ``sin``: ``[1, n, D]`` for positions ``0 .. n-1``.
+    Keys get positions ``0 .. n-1`` and the query gets ``n-1``. Returns ``[1, 1, H*D]``.
     """
-    ids = [int(t) for t in token_ids]
-    device, _ = _model_device_dtype(model)
-    if not ids:
-        return torch.empty(0, model.config.vocab_size, dtype=torch.float32)
-    with torch.inference_mode():
-        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        logits = model(input_ids=input_ids, use_cache=False).logits[0]
-        return torch.log_softmax(logits.float(), dim=-1).cpu()
+    n = k_kept.shape[2]
+    head_dim = attn.head_dim
+    # apply_rotary_pos_emb applies one cos/sin table to both of its arguments, so the query
+    # (position n-1) and the keys (positions 0..n-1) are rotated in separate calls.
+    q_rot, _ = apply_rotary_pos_emb(q, q, cos[:, n - 1 : n], sin[:, n - 1 : n])
+    k_rot, _ = apply_rotary_pos_emb(k_kept, k_kept, cos, sin)
+    n_rep = q.shape[1] // k_kept.shape[1]
+    k_rep = repeat_kv(k_rot, n_rep)
+    v_rep = repeat_kv(v_kept, n_rep)
+    scores = torch.matmul(q_rot, k_rep.transpose(2, 3)) * (head_dim**-0.5)  # [1, H, 1, n]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    ctx = torch.matmul(probs, v_rep)  # [1, H, 1, D]
+    return ctx.transpose(1, 2).reshape(1, 1, -1)
+
+
+def _logprobs_from_hidden(model, hidden: torch.Tensor, out: torch.Tensor, rows: slice) -> None:
+    logits = model.lm_head(model.model.norm(hidden))
+    out[rows] = torch.log_softmax(logits.float(), dim=-1).reshape(-1, out.shape[1]).cpu()
 
 
 def streaming_logprobs(
@@ -84,7 +128,7 @@ def streaming_logprobs(
     sink_tokens: int,
     window_tokens: int,
 ) -> torch.Tensor:
-    """StreamingLLM next-token log-probabilities, computed one query token at a time.
+    """StreamingLLM next-token log-probabilities (one query at a time, layer by layer).
 
     Args:
         model: a ``transformers`` ``LlamaForCausalLM`` (already loaded; computation happens in
@@ -96,63 +140,115 @@ def streaming_logprobs(
     Returns:
         float32 CPU tensor ``[T, vocab]``; row ``p`` is the log-softmax distribution of token
         ``p+1`` given the stream up to ``p`` under the StreamingLLM policy.
+
+    Evaluation order: layer by layer, and inside a layer query by query. This computes exactly
+    what the literal token-by-token stream (:func:`streaming_logprobs_stepwise`) computes: the
+    cached pre-RoPE K/V of token ``q`` in layer ``l`` is a function of ``q``'s layer-``l``
+    input only, and that input was produced by ``q``'s own step (it is never recomputed when
+    later tokens arrive), so it can be computed for all tokens at once. What differs per query
+    -- which cache entries are visible and their RoPE positions -- is applied per query, exactly
+    as in the stream. Only the projections/MLP are batched over tokens, which makes the oracle
+    fast enough for ~1000 tokens on a 135M model on CPU.
     """
     ids = _check_args(token_ids, sink_tokens, window_tokens)
     S, W = sink_tokens, window_tokens
     T = len(ids)
-    config = model.config
-    inner = model.model
-    layers = list(inner.layers[: config.num_hidden_layers])
-    device, dtype = _model_device_dtype(model)
-
-    for layer in layers:
-        attn = layer.self_attn
-        if getattr(attn, "q_norm", None) is not None or getattr(attn, "k_norm", None) is not None:
-            raise NotImplementedError("q/k norms are not supported by this Llama reference")
-
-    out = torch.empty(T, config.vocab_size, dtype=torch.float32)
+    layers = _decoder_layers(model)
+    device, _ = _model_device_dtype(model)
+    out = torch.empty(T, model.config.vocab_size, dtype=torch.float32)
     if T == 0:
         return out
+    inner = model.model
 
-    num_layers = len(layers)
+    with torch.inference_mode():
+        hidden = inner.embed_tokens(torch.tensor([ids], dtype=torch.long, device=device))  # [1,T,h]
+        rope = _RopeTables(inner.rotary_emb, hidden)
+        # Visible set of query p: sinks [0, sink_end) and window [win_start, p] (cache order).
+        spans = [(min(S, p + 1), max(S, p - W + 1)) for p in range(T)]
+
+        for layer in layers:
+            attn = layer.self_attn
+            head_dim = attn.head_dim
+            residual = hidden
+            x = layer.input_layernorm(hidden)
+            # Pre-RoPE q/k/v of every token at this layer: [1, heads, T, D].
+            q = attn.q_proj(x).view(1, T, -1, head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(1, T, -1, head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(1, T, -1, head_dim).transpose(1, 2)
+
+            ctx = torch.empty(1, T, q.shape[1] * head_dim, dtype=x.dtype, device=device)
+            for p, (sink_end, win_start) in enumerate(spans):
+                k_kept = torch.cat([k[:, :, :sink_end], k[:, :, win_start : p + 1]], dim=2)
+                v_kept = torch.cat([v[:, :, :sink_end], v[:, :, win_start : p + 1]], dim=2)
+                cos, sin = rope(k_kept.shape[2])
+                ctx[:, p : p + 1] = _attend_one_query(attn, q[:, :, p : p + 1], k_kept, v_kept, cos, sin)
+
+            hidden = residual + attn.o_proj(ctx)
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+        chunk = 256  # bound the size of the [rows, vocab] logits buffer
+        for start in range(0, T, chunk):
+            rows = slice(start, min(T, start + chunk))
+            _logprobs_from_hidden(model, hidden[:, rows], out, rows)
+    return out
+
+
+def streaming_logprobs_stepwise(
+    model,
+    token_ids: Sequence[int],
+    *,
+    sink_tokens: int,
+    window_tokens: int,
+) -> torch.Tensor:
+    """Literal token-by-token StreamingLLM with an explicit evicting pre-RoPE K/V cache.
+
+    Same result as :func:`streaming_logprobs` (same arguments and return value); this version
+    runs the whole model once per incoming token, appends the token's K/V to each layer's cache,
+    evicts the token that leaves the window, and attends over what is left. It is the most
+    direct transcription of the algorithm, used to cross-check the faster evaluation order, but
+    it is memory-bandwidth bound (one matrix-vector product per weight per token).
+    """
+    ids = _check_args(token_ids, sink_tokens, window_tokens)
+    S, W = sink_tokens, window_tokens
+    T = len(ids)
+    layers = _decoder_layers(model)
+    device, _ = _model_device_dtype(model)
+    out = torch.empty(T, model.config.vocab_size, dtype=torch.float32)
+    if T == 0:
+        return out
+    inner = model.model
+
     # Per-layer cache of pre-RoPE keys / values, shape [1, num_kv_heads, n, head_dim], kept in
     # cache order (sinks first, then the window in stream order).
-    k_cache: list[torch.Tensor | None] = [None] * num_layers
-    v_cache: list[torch.Tensor | None] = [None] * num_layers
-    cached_token_idx: list[int] = []  # stream index of every cache slot (same for all layers)
-    rope_by_len: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    k_cache: list[torch.Tensor | None] = [None] * len(layers)
+    v_cache: list[torch.Tensor | None] = [None] * len(layers)
+    cached_token_idx: list[int] = []  # stream index held by every cache slot (same in all layers)
 
     with torch.inference_mode():
         ids_t = torch.tensor(ids, dtype=torch.long, device=device)
+        rope = None
         for p in range(T):
-            # ---- cache bookkeeping for this step: append p, evict the token leaving the window.
+            # Append token p; once the cache exceeds S + W entries it holds the S sinks followed
+            # by tokens p-W .. p, so the token leaving the window (p-W) sits in slot S.
             cached_token_idx.append(p)
             evict_slot = None
             if len(cached_token_idx) > S + W:
-                # Cache holds S sinks + tokens p-W .. p; token p-W sits right after the sinks.
                 evict_slot = S
                 del cached_token_idx[evict_slot]
-            # Cross-check against the closed-form definition of the kept set.
             expected = kept_token_indices(p, sink_tokens=S, window_tokens=W)
             if cached_token_idx != expected:  # pragma: no cover - internal invariant
                 raise AssertionError(f"step {p}: cache {cached_token_idx} != expected {expected}")
-            n = len(cached_token_idx)
 
             hidden = inner.embed_tokens(ids_t[p : p + 1]).view(1, 1, -1)  # [1, 1, hidden]
-
-            # Positions inside the cache: keys 0..n-1, query n-1.
-            if n not in rope_by_len:
-                position_ids = torch.arange(n, device=device).unsqueeze(0)
-                rope_by_len[n] = inner.rotary_emb(hidden, position_ids=position_ids)
-            cos, sin = rope_by_len[n]  # [1, n, head_dim]
-            cos_q, sin_q = cos[:, n - 1 : n], sin[:, n - 1 : n]
+            if rope is None:
+                rope = _RopeTables(inner.rotary_emb, hidden)
+            cos, sin = rope(len(cached_token_idx))
 
             for li, layer in enumerate(layers):
                 attn = layer.self_attn
                 head_dim = attn.head_dim
                 residual = hidden
                 x = layer.input_layernorm(hidden)
-
                 q = attn.q_proj(x).view(1, 1, -1, head_dim).transpose(1, 2)  # [1, H, 1, D]
                 k_new = attn.k_proj(x).view(1, 1, -1, head_dim).transpose(1, 2)  # [1, Hkv, 1, D]
                 v_new = attn.v_proj(x).view(1, 1, -1, head_dim).transpose(1, 2)
@@ -165,27 +261,13 @@ def streaming_logprobs(
                 if evict_slot is not None:
                     k_all = torch.cat([k_all[:, :, :evict_slot], k_all[:, :, evict_slot + 1 :]], dim=2)
                     v_all = torch.cat([v_all[:, :, :evict_slot], v_all[:, :, evict_slot + 1 :]], dim=2)
-                k_cache[li], v_cache[li] = k_all, v_all  # still pre-RoPE
+                k_cache[li], v_cache[li] = k_all, v_all  # stays pre-RoPE
 
-                # RoPE with cache-relative positions (the same cos/sin table is applied to both
-                # arguments, so rotate query and keys in separate calls).
-                q_rot, _ = apply_rotary_pos_emb(q, q, cos_q, sin_q)
-                k_rot, _ = apply_rotary_pos_emb(k_all, k_all, cos, sin)
-
-                n_rep = q.shape[1] // k_all.shape[1]
-                k_rep = repeat_kv(k_rot, n_rep)
-                v_rep = repeat_kv(v_all, n_rep)
-                scores = torch.matmul(q_rot, k_rep.transpose(2, 3)) * (head_dim**-0.5)  # [1,H,1,n]
-                probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-                ctx = torch.matmul(probs, v_rep)  # [1, H, 1, D]
-                ctx = ctx.transpose(1, 2).reshape(1, 1, -1)
+                ctx = _attend_one_query(attn, q, k_all, v_all, cos, sin)
                 hidden = residual + attn.o_proj(ctx)
+                hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
-                residual = hidden
-                hidden = residual + layer.mlp(layer.post_attention_layernorm(hidden))
-
-            logits = model.lm_head(inner.norm(hidden))[0, 0]
-            out[p] = torch.log_softmax(logits.float(), dim=-1).cpu()
+            _logprobs_from_hidden(model, hidden, out, slice(p, p + 1))
     return out
 
 
