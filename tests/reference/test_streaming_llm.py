@@ -12,6 +12,7 @@ from vllm_kvstream.reference.streaming_llm import (
     full_logprobs,
     kept_token_indices,
     streaming_logprobs,
+    streaming_logprobs_stepwise,
     streaming_perplexity,
 )
 
@@ -43,6 +44,16 @@ def _tokens(n: int, seed: int = 1) -> list[int]:
 
 def _row_diff(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a - b).abs().amax(dim=-1)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_intra_op_thread():
+    # The oracle issues many tiny ops; on a small CPU shared with other processes, intra-op
+    # threads waiting for each other make them up to ~100x slower. Restored after this module.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +94,9 @@ def test_full_logprobs_is_plain_forward(model2):
     torch.testing.assert_close(lp, ref, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize(("sinks", "window", "length"), [(4, 36, 40), (4, 100, 40), (0, 40, 40), (40, 1, 41)])
+@pytest.mark.parametrize(
+    ("sinks", "window", "length"), [(4, 36, 40), (4, 100, 40), (0, 40, 40), (40, 1, 41)]
+)
 def test_a_no_eviction_equals_full(model2, sinks, window, length):
     # (a) T <= S + W: nothing is ever evicted and cache positions are the true positions.
     ids = _tokens(length)
@@ -193,6 +206,40 @@ def test_d_zero_sinks_is_plain_sliding_window(model1, model2):
     far = 2 * (window - 1) + 1  # first row whose 2-layer receptive field excludes token 0
     assert _row_diff(stream2b[far:], stream2[far:]).max().item() <= 1e-6
     assert _row_diff(stream2b[:far], stream2[:far]).min().item() > 0.0
+
+
+@pytest.mark.parametrize(
+    ("sinks", "window", "length"), [(4, 12, 40), (0, 7, 30), (2, 1, 20), (25, 3, 20)]
+)
+def test_stepwise_stream_matches_layerwise_oracle(model2, sinks, window, length):
+    # The literal token-by-token stream (explicit cache with append + evict, whole model run per
+    # token) and the layer-by-layer evaluation order used by streaming_logprobs agree.
+    ids = _tokens(length, seed=13)
+    stepwise = streaming_logprobs_stepwise(model2, ids, sink_tokens=sinks, window_tokens=window)
+    layerwise = streaming_logprobs(model2, ids, sink_tokens=sinks, window_tokens=window)
+    assert stepwise.shape == layerwise.shape == (length, VOCAB)
+    torch.testing.assert_close(stepwise, layerwise, atol=1e-5, rtol=0)
+
+
+def test_computes_in_model_dtype(model2):
+    # A bfloat16 copy of the model: the oracle computes in bf16 (it matches the bf16 forward, not
+    # the float32 one, when nothing is evicted) and still returns float32 log-probabilities.
+    ids = _tokens(40, seed=17)
+    bf16 = _tiny_llama(num_layers=2)
+    bf16.load_state_dict(model2.state_dict())
+    bf16 = bf16.to(torch.bfloat16)
+    stream = streaming_logprobs(bf16, ids, sink_tokens=4, window_tokens=40)
+    assert stream.dtype == torch.float32
+    full_bf16 = full_logprobs(bf16, ids)
+    full_fp32 = full_logprobs(model2, ids)
+    assert _row_diff(full_bf16, full_fp32).max().item() > 1e-3  # bf16 rounding is visible ...
+    torch.testing.assert_close(stream, full_bf16, atol=1e-3, rtol=0)  # ... and reproduced
+
+
+def test_empty_stream(model2):
+    assert streaming_logprobs(model2, [], sink_tokens=1, window_tokens=4).shape == (0, VOCAB)
+    stepwise = streaming_logprobs_stepwise(model2, [], sink_tokens=1, window_tokens=4)
+    assert stepwise.shape == (0, VOCAB)
 
 
 def test_perplexity(model2):

@@ -19,8 +19,19 @@ While ``p < S + W`` nothing has been evicted and positions equal the true positi
 result equals the ordinary full-attention model.
 
 This module deliberately does not use vLLM or any other part of ``vllm_kvstream``; it only runs
-the model's own submodules by hand, one query token at a time, so that it can serve as an
-oracle.  Only the plain Llama architecture is supported (default-style RoPE, no q/k norms, no
+the model's own submodules by hand (embedding, per layer RMSNorm / q,k,v projections / RoPE via
+``model.model.rotary_emb`` and ``apply_rotary_pos_emb`` / GQA ``repeat_kv`` / softmax attention
+with scale ``head_dim**-0.5`` / o_proj / MLP, final norm, lm_head), attending one query at a
+time, so that it can serve as an oracle. Public functions:
+
+* :func:`streaming_logprobs` -- the oracle (layer-by-layer evaluation order, see its docstring);
+* :func:`streaming_logprobs_stepwise` -- the literal token-by-token stream with an evicting
+  cache (slow; identical results, used to cross-check);
+* :func:`full_logprobs` -- the model's ordinary forward, for comparison;
+* :func:`streaming_perplexity` -- ``exp`` of the mean streaming NLL;
+* :func:`kept_token_indices` -- the visible set of one query, in cache order.
+
+Only the plain Llama architecture is supported (default-style RoPE, no q/k norms, no
 model-level sliding window).
 """
 
@@ -121,6 +132,21 @@ def _logprobs_from_hidden(model, hidden: torch.Tensor, out: torch.Tensor, rows: 
     out[rows] = torch.log_softmax(logits.float(), dim=-1).reshape(-1, out.shape[1]).cpu()
 
 
+def full_logprobs(model, token_ids: Sequence[int]) -> torch.Tensor:
+    """Ordinary full-attention forward of ``model`` over the whole sequence.
+
+    Returns a float32 CPU tensor ``[T, vocab]`` of next-token log-probabilities.
+    """
+    ids = [int(t) for t in token_ids]
+    device, _ = _model_device_dtype(model)
+    if not ids:
+        return torch.empty(0, model.config.vocab_size, dtype=torch.float32)
+    with torch.inference_mode():
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        logits = model(input_ids=input_ids, use_cache=False).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
+
+
 def streaming_logprobs(
     model,
     token_ids: Sequence[int],
@@ -148,7 +174,8 @@ def streaming_logprobs(
     later tokens arrive), so it can be computed for all tokens at once. What differs per query
     -- which cache entries are visible and their RoPE positions -- is applied per query, exactly
     as in the stream. Only the projections/MLP are batched over tokens, which makes the oracle
-    fast enough for ~1000 tokens on a 135M model on CPU.
+    fast enough for ~1000 tokens on a 135M model on CPU. It issues many tiny ops: on a small or
+    busy CPU, ``torch.set_num_threads(1)`` in the caller can make it far faster.
     """
     ids = _check_args(token_ids, sink_tokens, window_tokens)
     S, W = sink_tokens, window_tokens
@@ -181,7 +208,8 @@ def streaming_logprobs(
                 k_kept = torch.cat([k[:, :, :sink_end], k[:, :, win_start : p + 1]], dim=2)
                 v_kept = torch.cat([v[:, :, :sink_end], v[:, :, win_start : p + 1]], dim=2)
                 cos, sin = rope(k_kept.shape[2])
-                ctx[:, p : p + 1] = _attend_one_query(attn, q[:, :, p : p + 1], k_kept, v_kept, cos, sin)
+                q_p = q[:, :, p : p + 1]
+                ctx[:, p : p + 1] = _attend_one_query(attn, q_p, k_kept, v_kept, cos, sin)
 
             hidden = residual + attn.o_proj(ctx)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
@@ -259,8 +287,9 @@ def streaming_logprobs_stepwise(
                     k_all = torch.cat([k_cache[li], k_new], dim=2)
                     v_all = torch.cat([v_cache[li], v_new], dim=2)
                 if evict_slot is not None:
-                    k_all = torch.cat([k_all[:, :, :evict_slot], k_all[:, :, evict_slot + 1 :]], dim=2)
-                    v_all = torch.cat([v_all[:, :, :evict_slot], v_all[:, :, evict_slot + 1 :]], dim=2)
+                    e = evict_slot
+                    k_all = torch.cat([k_all[:, :, :e], k_all[:, :, e + 1 :]], dim=2)
+                    v_all = torch.cat([v_all[:, :, :e], v_all[:, :, e + 1 :]], dim=2)
                 k_cache[li], v_cache[li] = k_all, v_all  # stays pre-RoPE
 
                 ctx = _attend_one_query(attn, q, k_all, v_all, cos, sin)
