@@ -6,6 +6,7 @@ dispatcher picks them on CUDA; nothing in this package imports vLLM.
 """
 
 from vllm_kvstream.kernels.rope import Rope
+from vllm_kvstream.kernels.sink_decode import DecodePlan, plan_decode, sink_window_decode, split_cpu_kv_cache
 from vllm_kvstream.kernels.sink_attention import (
     RequestSlice,
     sink_window_attention,
@@ -14,6 +15,10 @@ from vllm_kvstream.kernels.sink_attention import (
 )
 
 __all__ = [
+    "DecodePlan",
+    "plan_decode",
+    "sink_window_decode",
+    "split_cpu_kv_cache",
     "RequestSlice",
     "Rope",
     "sink_window_attention",

@@ -1,10 +1,9 @@
-"""Rotary position embedding applied inside attention, with cache-relative positions.
+"""Rotary position embedding with the model's own cos/sin table, and exact angles past it.
 
-Keys are stored in the KV cache *before* RoPE (see ``vllm_kvstream/adapter/rope.py`` for why),
-so attention rotates queries and the kept keys itself, with positions counted inside the
-cache. Those positions stay below sink + window + chunk, so the model's own cos/sin table is
-used; a position past that table (only the ``full`` policy beyond the trained context reaches
-one) is computed in float64 and reduced mod 2*pi so large angles keep full precision.
+A stream runs far past the model's trained context, so positions outside the table (and the
+negative rotations attention applies to meet the sinks, see ``sink_attention.py``) are
+computed in float64 and reduced mod 2*pi, so a position of a million keeps full precision.
+Positions inside the table use the table, bit for bit what the model's rotary op uses.
 """
 
 from __future__ import annotations

@@ -1,13 +1,22 @@
-"""Paged attention over a sink + window pattern, with keys stored before RoPE.
+"""Paged attention over a sink + window pattern (reference implementation).
 
 Semantics (exact, per query token at absolute position ``p``): attend to the tokens
 ``[0, S) ∪ [max(S, p - W + 1), p]`` (``S`` sink tokens, ``W`` window tokens, ``W = None``
 for full causal attention). Positions are counted inside the cache as in StreamingLLM:
 with ``e(p) = max(0, p - W + 1 - S)`` tokens evicted before ``p``'s window, the query
 scores a sink key ``i`` at distance ``p - e(p) - i`` and a window key ``j`` at ``p - j``.
-RoPE only sees distances, so the query is rotated twice: at ``p - e(p)`` against the sinks
-(rotated at ``i``) and at ``p - base`` against the window keys (rotated at ``j - base``),
-``base`` being the chunk's first query's ``e``. Every angle stays below S + W + chunk.
+RoPE only sees distances, so the query meets the sinks rotated ``e(p)`` positions back.
+
+Two cache layouts, both exact:
+
+* ``rope_applied=True`` (what the plugin runs unquantized): the model rotated ``q`` at ``p``
+  and each key at its absolute position ``j`` before it was cached (angles beyond the model's
+  table computed in float64, see ``adapter/rope.py``). Window scores need nothing more; the
+  sink scores use ``q`` rotated by ``-e(p)``. No cached key is ever re-rotated.
+* ``rope_applied=False`` (keys cached before RoPE, as KVQuant quantizes them): the query is
+  rotated at ``p - e(p)`` against the sinks (rotated at ``i``) and at ``p - base`` against the
+  window keys (rotated at ``j - base``), ``base`` being the chunk's first query's ``e``, so
+  every angle stays below S + W + chunk.
 
 Paged layout: ``key_cache`` and ``value_cache`` are ``[num_blocks, kv_heads, block_size,
 head_size]`` views; ``block_table[r, b]`` is the physical block of request ``r``'s logical
@@ -80,11 +89,13 @@ def sink_window_attention_ref(
     window_tokens: int | None,
     scale: float,
     rope: Rope | None,
+    rope_applied: bool = False,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Naive float32 reference. ``query`` is ``[T, heads, head_size]`` before RoPE (``rope=None``:
-    keys and queries are used as stored, for models without RoPE). Returns ``[T, heads,
-    head_size]`` in ``query``'s dtype (written into ``out`` when given)."""
+    """Naive float32 reference. ``query`` is ``[T, heads, head_size]``, rotated at its absolute
+    position when ``rope_applied`` and unrotated otherwise (``rope=None``: keys and queries are
+    used as stored, for models without RoPE). Returns ``[T, heads, head_size]`` in ``query``'s
+    dtype (written into ``out`` when given)."""
     num_heads = query.shape[1]
     kv_heads = key_cache.shape[1]
     group = num_heads // kv_heads
@@ -120,7 +131,10 @@ def sink_window_attention_ref(
                 _gather_range(value_cache, blocks, rest_lo, seq_len),
             )
         ).float()
-        if rope is not None:
+        if rope is not None and rope_applied:
+            q_sink = rope.rotate(q, -evicted) if n_sink and int(evicted[-1]) > 0 else q
+            q_rest = q
+        elif rope is not None:
             q_sink = rope.rotate(q, pos_q - evicted) if n_sink else q
             q_rest = rope.rotate(q, pos_q - base)
             k_sink = rope.rotate(k_sink, pos_sink)

@@ -70,6 +70,28 @@ def test_matches_transformers_streaming_llm_oracle(tiny_model):
     assert len(tokens) > 4 * (SINK + WINDOW)
 
 
+def test_decode_matches_transformers_streaming_llm_oracle(tiny_model):
+    """Generated tokens' log-probabilities (the batched decode path, 4x the cache past a short
+    prompt, next to a second request so the batch has two rows) against the same oracle."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_kvstream.reference.streaming_llm import streaming_logprobs
+
+    prompts = [[7, 1234, 99, 4321, 555], list(range(3000, 3030))]
+    steps = 4 * (SINK + WINDOW)
+    job = {"prompts": prompts, "sampling": {"max_tokens": steps, "temperature": 0.0, "logprobs": 0, "ignore_eos": True}}
+    results = run_engine(tiny_engine(tiny_model), [job])["jobs"][0]["results"]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    for prompt, res in zip(prompts, results):
+        tokens = prompt + res["token_ids"]
+        assert len(res["token_ids"]) == steps
+        ref = streaming_logprobs(model, tokens, sink_tokens=SINK, window_tokens=WINDOW)
+        expected = [float(ref[len(prompt) + i - 1, t]) for i, t in enumerate(res["token_ids"])]
+        diffs = [abs(a - b) for a, b in zip(res["logprobs"], expected)]
+        assert max(diffs) < 2e-3, max(diffs)
+
+
 def test_long_stream_bounded_and_pool_recovers(tiny_model):
     rng = random.Random(1)
     prompt = [rng.randrange(100, 40000) for _ in range(1500)]

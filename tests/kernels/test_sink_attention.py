@@ -116,3 +116,39 @@ def test_rope_beyond_table_uses_exact_angles():
     pos = torch.tensor([3, 15, 16, 4999])
     x = torch.randn(4, 1, 8)
     torch.testing.assert_close(rope.rotate(x, pos), far.rotate(x, pos), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("policy_name", "params"),
+    [
+        ("streaming-sink", {"sink_tokens": 4, "window_tokens": 20}),
+        ("streaming-sink", {"sink_tokens": 11, "window_tokens": 9}),
+        ("sliding-window", {"window_tokens": 19}),
+        ("full", None),
+    ],
+)
+@pytest.mark.parametrize(("seq_len", "n_query"), [(1, 1), (23, 23), (70, 1), (131, 40), (3000, 3)])
+def test_post_rope_cache_matches_dense_oracle(policy_name, params, seq_len, n_query):
+    """Keys cached rotated at absolute positions (past the rope table too) and queries rotated at
+    theirs: the same outputs as StreamingLLM's cache-relative positions."""
+    gen = torch.Generator().manual_seed(seq_len + n_query)
+    hq, hkv, d, block_size = 4, 2, 16, 8
+    policy = build_policy(policy_name, params)
+    k = torch.randn(seq_len, hkv, d, generator=gen)
+    v = torch.randn(seq_len, hkv, d, generator=gen)
+    q = torch.randn(n_query, hq, d, generator=gen)
+    rope = Rope.from_base(d, 10000.0, 256)  # positions up to 3000 are past this table
+    pos = torch.arange(seq_len)
+    kv, kc, vc, row = make_paged(rope.rotate(k, pos), v, block_size, num_blocks=400, gen=gen)
+    first, last = policy.freeable_block_range(seq_len - n_query, block_size)
+    for b in range(first, last):
+        kv[row[b]] = float("nan")
+    table = row.to(torch.int32)[None, :]
+    out = sink_window_attention_ref(
+        rope.rotate(q, pos[seq_len - n_query :]), kc, vc, table, [RequestSlice(0, n_query, seq_len, block_row=0)],
+        sink_tokens=policy.pattern.sink_tokens, window_tokens=policy.pattern.window_tokens,
+        scale=0.25, rope=rope, rope_applied=True,
+    )
+    expected = dense_oracle(q, k, v, policy, 0.25, rope, seq_len - n_query)
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), expected, atol=5e-5, rtol=5e-5)

@@ -6,7 +6,19 @@ frees a block, the request's row on the worker still holds the old id, which may
 belong to another request; stock CPU attention would read it. This backend derives the kept
 token positions from the policy (a pure function of the sequence length, the same function
 the scheduler used to free blocks) and dereferences only those blocks: evicted blocks are
-skipped, not masked. It also owns RoPE (keys are cached before RoPE, see ``rope.py``).
+skipped, not masked. It also meets the sinks at StreamingLLM's cache-relative distance
+(keys are cached rotated at absolute positions, see ``rope.py``).
+
+Mechanism: the cache layout, the cache writes and, while nothing is evicted, attention itself
+are vLLM's own CPU backend (``CPU_ATTN``), composed, not copied: a step in which no request
+has passed sink + window (every short stream; ``full`` always) runs the stock C++ kernel
+unchanged, so the plugin costs short streams nothing. A step with an evicting request runs
+``kernels.sink_window_decode`` for its one-token (decode) requests, from a plan built once per
+step by the metadata builder (the blocks to read and the attended slots do not depend on the
+layer), and the reference for its prefill chunks, one request at a time. Both read the stock
+layout through ``kernels.split_cpu_kv_cache``. The stock builder picks a kernel ISA per
+machine; this backend pins it to ``vec``/``vec16``, whose layout (keys transposed per block
+and head) is the one those readers know (``amx`` packs bf16 keys into tiles instead).
 
 How it is selected (monkeypatch, written down): on CPU the platform always answers
 ``CPU_ATTN``. :func:`route_backend` wraps the platform's ``get_attn_backend_cls`` so that,
@@ -28,7 +40,15 @@ from vllm_kvstream.adapter.compat import probe
 from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_spec
 from vllm_kvstream.adapter.rope import recorded_rope
 from vllm_kvstream.adapter.state import active_policy, current_config, policy_for, remember_engine_config
-from vllm_kvstream.kernels import RequestSlice, Rope, sink_window_attention, write_kv_ref
+from vllm_kvstream.kernels import (
+    DecodePlan,
+    RequestSlice,
+    Rope,
+    plan_decode,
+    sink_window_attention,
+    sink_window_decode,
+    split_cpu_kv_cache,
+)
 from vllm_kvstream.policies import KVPolicy
 
 _backend_mod = probe("vllm.v1.attention.backend")
@@ -38,6 +58,12 @@ AttentionMetadataBuilder = _backend_mod.AttentionMetadataBuilder
 AttentionType = _backend_mod.AttentionType
 MultipleOf = _backend_mod.MultipleOf
 FullAttentionSpec = probe("vllm.v1.kv_cache_interface:FullAttentionSpec")
+_cpu_attn = probe("vllm.v1.attention.backends.cpu_attn")
+StockBackend = _cpu_attn.CPUAttentionBackend
+StockBuilder = _cpu_attn.CPUAttentionMetadataBuilder
+StockImpl = _cpu_attn.CPUAttentionBackendImpl
+#: Stock CPU kernel ISAs whose cache layout ``split_cpu_kv_cache`` describes.
+LAYOUT_ISAS = ("vec", "vec16")
 KVCacheLayout = probe("vllm.v1.kv_cache_interface:KVCacheLayout")
 
 BACKEND_PATH = "vllm_kvstream.adapter.attention.KVStreamBackend"
@@ -57,7 +83,11 @@ class KVStreamBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec=None):
-        return [MultipleOf(16)]
+        return [MultipleOf(16)]  # vec16 serves multiples of 16, vec multiples of 32
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return StockBackend.get_supported_head_sizes()
 
     @classmethod
     def supported_kv_cache_layouts(cls):
@@ -92,28 +122,61 @@ class KVStreamBackend(AttentionBackend):
 @dataclass
 class KVStreamMetadata:
     num_actual_tokens: int
-    requests: list[RequestSlice]
+    stock: object | None  # the stock CPU metadata when no request of the step evicts
+    requests: list[RequestSlice]  # requests with several query tokens (prefill chunks)
+    decode: DecodePlan | None  # requests with one query token, planned once for all layers
     block_table: torch.Tensor
-    slot_mapping: torch.Tensor
 
 
 class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+        policy = kv_cache_spec.policy if isinstance(kv_cache_spec, KVStreamAttentionSpec) else active_policy()
+        self.pattern = policy.pattern
+        self.stock = StockBuilder(kv_cache_spec, layer_names, vllm_config, device)
+        if self.stock.isa not in LAYOUT_ISAS:  # pin the layout the readers know (module docstring)
+            self.stock.isa = "vec" if self.block_size % 32 == 0 else "vec16"
+            self.stock._set_isa_to_layers(layer_names)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> KVStreamMetadata:
         cm = common_attn_metadata
-        qsl = cm.query_start_loc_cpu.tolist()
-        seq_lens = cm.seq_lens.cpu().tolist()
+        pattern = self.pattern
+        seq_lens = cm.seq_lens.cpu()[: cm.num_reqs]
+        # A query at p attends to a non-prefix set iff p >= S + W, i.e. seq_len > S + W.
+        if pattern.window_tokens is None or not bool((seq_lens > pattern.sink_tokens + pattern.window_tokens).any()):
+            return KVStreamMetadata(
+                num_actual_tokens=cm.num_actual_tokens,
+                stock=self.stock.build(common_prefix_len, cm, fast_build),
+                requests=[],
+                decode=None,
+                block_table=cm.block_table_tensor,
+            )
+        qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+        n_query = qsl[1:] - qsl[:-1]
+        single = n_query == 1
         requests = [
-            RequestSlice(q_start=qsl[i], q_end=qsl[i + 1], seq_len=seq_lens[i], block_row=i)
-            for i in range(cm.num_reqs)
+            RequestSlice(q_start=int(qsl[i]), q_end=int(qsl[i + 1]), seq_len=int(seq_lens[i]), block_row=i)
+            for i in torch.nonzero(~single).flatten().tolist()
         ]
+        decode = None
+        if bool(single.any()):
+            rows = torch.nonzero(single).flatten()
+            decode = plan_decode(
+                qsl[rows],
+                seq_lens[rows],
+                cm.block_table_tensor[rows].cpu(),
+                sink_tokens=pattern.sink_tokens,
+                window_tokens=pattern.window_tokens,
+                block_size=self.block_size,
+                rope=recorded_rope(),
+            )
         return KVStreamMetadata(
             num_actual_tokens=cm.num_actual_tokens,
+            stock=None,
             requests=requests,
+            decode=decode,
             block_table=cm.block_table_tensor,
-            slot_mapping=cm.slot_mapping,
         )
 
 
@@ -161,6 +224,7 @@ class KVStreamImpl(AttentionImpl):
         remember_engine_config(get_current_vllm_config_or_none())
         self.policy: KVPolicy = policy
         self._rope: Rope | None = None
+        self.stock = StockImpl(num_heads, head_size, scale, self.num_kv_heads, None, None, kv_cache_dtype, None, attn_type)
 
     @property
     def rope(self) -> Rope:
@@ -168,36 +232,37 @@ class KVStreamImpl(AttentionImpl):
             self._rope = recorded_rope()
         return self._rope
 
-    @staticmethod
-    def _split(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # Per-layer view [num_blocks, kv_heads, block_size, 2 * head_size]: K | V on the last dim.
-        head_size = kv_cache.shape[-1] // 2
-        return kv_cache[..., :head_size], kv_cache[..., head_size:]
-
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
-        key_cache, value_cache = self._split(kv_cache)
-        write_kv_ref(key, value, key_cache, value_cache, slot_mapping)
+        self.stock.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError("vllm-kvstream: fused output quantization is not supported")
         if attn_metadata is None:  # profiling / warm-up run
             return output
+        if attn_metadata.stock is not None:
+            return self.stock.forward(layer, query, key, value, kv_cache, attn_metadata.stock, output)
         n = attn_metadata.num_actual_tokens
-        key_cache, value_cache = self._split(kv_cache)
-        pattern = self.policy.pattern
-        sink_window_attention(
-            query[:n],
-            key_cache,
-            value_cache,
-            attn_metadata.block_table,
-            attn_metadata.requests,
-            sink_tokens=pattern.sink_tokens,
-            window_tokens=pattern.window_tokens,
-            scale=self.scale,
-            rope=self.rope,
-            out=output[:n],
-        )
+        query = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        if attn_metadata.decode is not None:
+            sink_window_decode(query, kv_cache, attn_metadata.decode, scale=self.scale, rope=self.rope, out=out)
+        if attn_metadata.requests:
+            key_cache, value_cache = split_cpu_kv_cache(kv_cache)
+            pattern = self.policy.pattern
+            sink_window_attention(
+                query,
+                key_cache,
+                value_cache,
+                attn_metadata.block_table,
+                attn_metadata.requests,
+                sink_tokens=pattern.sink_tokens,
+                window_tokens=pattern.window_tokens,
+                scale=self.scale,
+                rope=self.rope,
+                rope_applied=True,
+                out=out,
+            )
         return output
 
 

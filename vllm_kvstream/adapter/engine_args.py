@@ -108,7 +108,7 @@ def check_engine_config(vllm_config) -> None:
 
 def _forget_cached_ropes() -> None:
     # get_rope() caches rotary ops per process, keyed without the policy: a process that
-    # builds a second engine must not reuse a pass-through op for a stock engine or vice versa.
+    # builds a second engine must not reuse a policy rotary op for a stock engine or vice versa.
     rope_mod = probe("vllm.model_executor.layers.rotary_embedding")
     cache = getattr(rope_mod, "_ROPE_DICT", None)
     if isinstance(cache, dict):

@@ -1,26 +1,28 @@
-"""Keep keys unrotated in the KV cache: a pass-through rotary embedding while a policy is on.
+"""RoPE at absolute positions past the model's table while a policy is on.
 
-Why: StreamingLLM counts positions inside the cache. If keys were stored after RoPE at their
-true positions, a key's rotation would be frozen at write time, and a stream past the trained
-context would need the model's cos/sin table (``max_position_embeddings`` rows; vLLM does not
-grow it) at positions it does not have (IndexError natively, garbage in the CPU C++ op). With
-keys stored before RoPE, the attention backend rotates the query and the kept keys itself,
-with cache-relative positions that never exceed sink + window + one chunk. It also keeps
-prefix-cache hits valid whatever positions later steps use, and it is the layout KVQuant-style
-per-channel key quantization wants (keys quantized before RoPE). The cost is re-rotating the
-kept keys each step: O(kept tokens) per layer, the same order as reading them.
+Why: a stream runs far past the trained context, and vLLM's rotary op indexes the model's
+cos/sin table (``max_position_embeddings`` rows; vLLM does not grow it) with the position:
+IndexError natively, garbage in the CPU C++ op. StreamingLLM counts positions inside the
+cache, which only ever needs *distances*: a window key keeps its true distance ``p - j`` to
+the query, and the attention backend rotates the query back by the number of evicted tokens
+to meet the sinks (``kernels/sink_attention.py``). So keys are cached rotated at their
+absolute positions, exactly like stock vLLM, and never re-rotated: decode reads the kept keys
+once and rotates one query vector, instead of re-rotating the whole window every layer of
+every step (which cost ~2x in decode time on CPU in the first version, which cached keys
+before RoPE). Positions in the table use the stock op unchanged; only positions past it are
+computed here, in float64 reduced mod 2*pi, so a position of 10^6 keeps full precision. The
+memory this adds is per step (the positions of one batch), not per stream.
 
 How (monkeypatch, written down): ``CustomOp.register_oot`` replaces vLLM's ``RotaryEmbedding``
 class (plain RoPE, what Llama/Qwen/Mistral use) by :class:`KVStreamRotaryEmbedding`. An
 instance built while no policy is configured is the stock op in every respect (same methods,
-same dispatch). An instance built under a policy dispatches to a pass-through and records
-itself so the attention backend can use the very same cos/sin table. Models whose RoPE is
-another class (Llama-3 scaling, YaRN, M-RoPE, ...) are refused with a clear error by the
-backend, which finds no recorded rope.
+same dispatch). An instance built under a policy keeps the stock dispatch for positions in
+the table, takes over past it, and records itself so the attention backend uses the very same
+table. Models whose RoPE is another class (Llama-3 scaling, YaRN, M-RoPE, ...) are refused
+with a clear error by the backend, which finds no recorded rope.
 
-Upstream change that would remove it: an attention-backend capability "applies RoPE itself"
-(vLLM already fuses RoPE into some backends via ``do_rope_and_kv_cache_update``) that models
-honour by handing the backend positions instead of rotating q/k.
+Upstream change that would remove it: rotary ops that compute positions past their table (or
+grow it), and an attention-backend hook to rotate the query per key range.
 """
 
 from __future__ import annotations
@@ -33,14 +35,14 @@ from vllm_kvstream.kernels import Rope
 from vllm_kvstream.adapter.compat import probe
 
 _lock = threading.Lock()
-_passthrough_ropes: list[Rope] = []
+_recorded_ropes: list[Rope] = []
 
 
 def recorded_rope() -> Rope:
-    """The RoPE of the model being served (recorded when its pass-through op was built)."""
+    """The RoPE of the model being served (recorded when its rotary op was built under a policy)."""
     with _lock:
-        distinct = {(r.rotary_dim, r.is_neox_style, r.cos_sin_cache.shape, float(r.inv_freq[-1])) for r in _passthrough_ropes}
-        if not _passthrough_ropes:
+        distinct = {(r.rotary_dim, r.is_neox_style, r.cos_sin_cache.shape, float(r.inv_freq[-1])) for r in _recorded_ropes}
+        if not _recorded_ropes:
             raise RuntimeError(
                 "vllm-kvstream: the model built no plain RotaryEmbedding, so the KV policy cannot "
                 "apply RoPE with cache-relative positions. Supported: models whose rotary embedding "
@@ -51,13 +53,13 @@ def recorded_rope() -> Rope:
                 "vllm-kvstream: the model uses several different rotary embeddings; a KV policy "
                 f"supports one. Found: {sorted(distinct)}"
             )
-        return _passthrough_ropes[-1]
+        return _recorded_ropes[-1]
 
 
 def forget_recorded_ropes() -> None:
     """Called before an engine is configured so a second engine in one process starts clean."""
     with _lock:
-        _passthrough_ropes.clear()
+        _recorded_ropes.clear()
 
 
 def register_rope_override() -> None:
@@ -70,31 +72,45 @@ def register_rope_override() -> None:
     from vllm_kvstream.adapter.state import active_policy
 
     class KVStreamRotaryEmbedding(rotary_cls):  # type: ignore[misc, valid-type]
-        """vLLM's RotaryEmbedding; a pass-through when built under a KV policy."""
+        """vLLM's RotaryEmbedding; exact past its table when built under a KV policy."""
 
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
-            self.kvstream_passthrough = active_policy() is not None
-            if self.kvstream_passthrough:
-                self._forward_method = self._kvstream_passthrough
+            self.kvstream_rope: Rope | None = None
+            if active_policy() is not None:
+                self.kvstream_rope = Rope(
+                    rotary_dim=self.rotary_dim,
+                    is_neox_style=self.is_neox_style,
+                    cos_sin_cache=self.cos_sin_cache,
+                    inv_freq=self._compute_inv_freq(self.base).double(),
+                )
+                self._kvstream_stock_forward = self._forward_method
+                self._forward_method = self._kvstream_forward
                 with _lock:
-                    _passthrough_ropes.append(
-                        Rope(
-                            rotary_dim=self.rotary_dim,
-                            is_neox_style=self.is_neox_style,
-                            cos_sin_cache=self.cos_sin_cache,
-                            inv_freq=self._compute_inv_freq(self.base).double(),
-                        )
-                    )
+                    _recorded_ropes.append(self.kvstream_rope)
 
         def forward_native(self, positions, query, key=None):
-            if self.kvstream_passthrough:
-                return query, key
+            if self.kvstream_rope is not None and self._kvstream_past_table(positions):
+                return self._kvstream_far(positions, query, key)
             return super().forward_native(positions, query, key)
 
-        @staticmethod
-        def _kvstream_passthrough(positions: torch.Tensor, query: torch.Tensor, key=None, *args, **kwargs):
-            return query, key
+        def _kvstream_past_table(self, positions: torch.Tensor) -> bool:
+            return positions.numel() > 0 and int(positions.max()) >= self.kvstream_rope.cos_sin_cache.shape[0]
+
+        def _kvstream_forward(self, positions: torch.Tensor, query: torch.Tensor, key=None, *args, **kwargs):
+            if self._kvstream_past_table(positions):
+                return self._kvstream_far(positions, query, key)
+            return self._kvstream_stock_forward(positions, query, key, *args, **kwargs)
+
+        def _kvstream_far(self, positions: torch.Tensor, query: torch.Tensor, key):
+            pos = positions.flatten()
+            rope = self.kvstream_rope
+
+            def rot(x: torch.Tensor) -> torch.Tensor:
+                shaped = x.view(pos.shape[0], -1, self.head_size)
+                return rope.rotate(shaped.float(), pos).to(x.dtype).reshape(x.shape)
+
+            return rot(query), (rot(key) if key is not None else None)
 
     KVStreamRotaryEmbedding.__qualname__ = "KVStreamRotaryEmbedding"
     custom_op.CustomOp.register_oot(KVStreamRotaryEmbedding, name="RotaryEmbedding")
