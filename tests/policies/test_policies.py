@@ -120,3 +120,16 @@ def test_policies_do_not_import_vllm():
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_params_for_cache_gives_the_same_budget():
+    from vllm_kvstream.policies import available_policies, get_policy_class
+
+    for name in available_policies():
+        cls = get_policy_class(name)
+        params = cls.params_for_cache(4, 252)
+        if params is None:
+            assert not cls.bounded
+            continue
+        pattern = build_policy(name, params).pattern
+        assert pattern.sink_tokens + pattern.window_tokens == 256, name

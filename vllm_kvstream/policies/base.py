@@ -81,6 +81,16 @@ class KVPolicy(ABC):
             ) from None
         return cls(config)
 
+    @classmethod
+    def params_for_cache(cls, sink_tokens: int, window_tokens: int) -> dict[str, Any] | None:
+        """Parameters that give this policy a cache of ``sink_tokens + window_tokens`` tokens,
+        the budget evaluations compare policies at (``None``: the policy's memory does not
+        depend on a cache size, e.g. ``full``). A new policy states how it spends the budget."""
+        raise KVStreamConfigError(
+            f"policy {cls.name!r} does not say how to size itself to a cache of "
+            f"{sink_tokens}+{window_tokens} tokens (implement params_for_cache)"
+        )
+
     @property
     @abstractmethod
     def pattern(self) -> AttentionPattern:

@@ -22,6 +22,10 @@ class FullPolicy(KVPolicy):
     config_model = FullConfig
     bounded = False
 
+    @classmethod
+    def params_for_cache(cls, sink_tokens: int, window_tokens: int) -> None:
+        return None  # keeps everything: no cache size to set
+
     @property
     def pattern(self) -> AttentionPattern:
         return AttentionPattern(sink_tokens=0, window_tokens=None)

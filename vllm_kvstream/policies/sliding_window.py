@@ -30,6 +30,10 @@ class SlidingWindowPolicy(KVPolicy):
     name = "sliding-window"
     config_model = SlidingWindowConfig
 
+    @classmethod
+    def params_for_cache(cls, sink_tokens: int, window_tokens: int) -> dict:
+        return {"window_tokens": sink_tokens + window_tokens}  # the same budget, all of it window
+
     @property
     def pattern(self) -> AttentionPattern:
         return AttentionPattern(sink_tokens=0, window_tokens=self.config.window_tokens)

@@ -36,6 +36,10 @@ class StreamingSinkPolicy(KVPolicy):
     name = "streaming-sink"
     config_model = StreamingSinkConfig
 
+    @classmethod
+    def params_for_cache(cls, sink_tokens: int, window_tokens: int) -> dict:
+        return {"sink_tokens": sink_tokens, "window_tokens": window_tokens}
+
     @property
     def pattern(self) -> AttentionPattern:
         return AttentionPattern(

@@ -1,0 +1,97 @@
+"""The evaluation harness without an engine: cache sizes, run planning, segment arithmetic,
+passkey prompt construction, and the files it writes."""
+
+import csv
+import math
+
+import pytest
+
+from vllm_kvstream.errors import KVStreamConfigError
+from vllm_kvstream.eval.passkey import answer_correct, build_trials
+from vllm_kvstream.eval.passkey import write_outputs as write_passkey
+from vllm_kvstream.eval.ppl import Cache, perplexity, plan_runs, segments, write_outputs
+
+
+def test_cache_parse_and_errors():
+    assert Cache.parse("4+1020") == Cache(4, 1020)
+    for bad in ["4x1020", "1020", "a+b", "4+0", "4+-3"]:
+        with pytest.raises(ValueError, match="cache size"):
+            Cache.parse(bad)
+
+
+def test_plan_runs_sizes_each_policy_and_runs_full_once():
+    runs = plan_runs(["full", "sliding-window", "streaming-sink"], [Cache(4, 252), Cache(4, 1020)])
+    labels = [r.label for r in runs]
+    assert labels == ["full", "sliding-window 4+252", "sliding-window 4+1020",
+                      "streaming-sink 4+252", "streaming-sink 4+1020"]
+    assert runs[1].params == {"window_tokens": 256}
+    assert runs[4].params == {"sink_tokens": 4, "window_tokens": 1020}
+
+
+def test_plan_runs_rejects_unknown_policy_naming_allowed():
+    with pytest.raises(KVStreamConfigError, match="streaming-sink"):
+        plan_runs(["nope"], [Cache(4, 252)])
+
+
+def test_segments_and_perplexity():
+    lps = [math.log(0.5)] * 5 + [math.log(0.25)] * 5
+    assert perplexity(lps[:5]) == pytest.approx(2.0)
+    segs = segments(lps, 5)
+    assert [(a, b) for a, b, _ in segs] == [(1, 6), (6, 11)]
+    assert [p for _, _, p in segs] == pytest.approx([2.0, 4.0])
+    assert perplexity(lps) == pytest.approx(math.sqrt(8.0))
+
+
+def test_ppl_outputs_written(tmp_path):
+    results = {"full": [-1.0] * 3000, "streaming-sink 4+252": [-1.5] * 3000}
+    summary = write_outputs(tmp_path, results, segment=1000, tail_tokens=1000, trained_context=2048, title="t")
+    assert summary["full"]["ppl"] == pytest.approx(math.e)
+    rows = list(csv.DictReader((tmp_path / "ppl_segments.csv").open()))
+    assert len(rows) == 6 and {r["run"] for r in rows} == set(results)
+    assert (tmp_path / "ppl.png").stat().st_size > 10_000
+    assert "streaming-sink 4+252" in (tmp_path / "ppl_summary.md").read_text()
+
+
+class CharTokenizer:
+    """One token per character: lengths are easy to check."""
+
+    def encode(self, text, add_special_tokens=False):
+        return [ord(c) for c in text]
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.5, 1.0])
+def test_passkey_prompts_have_exact_length_and_needle_at_depth(depth):
+    trials = build_trials(CharTokenizer(), [1500, 3000], [depth], trials=2, seed=1)
+    assert len(trials) == 4
+    for t in trials:
+        text = "".join(map(chr, t.prompt))
+        assert len(t.prompt) == t.length
+        needle = f" The pass key is {t.key}. Remember it. {t.key} is the pass key."
+        at = text.index(needle)
+        filler_start = text.index("\n") + 1
+        assert text.endswith("\nWhat is the pass key? The pass key is")
+        filler = len(text) - filler_start - len(needle) - len("\nWhat is the pass key? The pass key is")
+        rel = (at - filler_start) / filler
+        assert abs(rel - depth) < 0.05, rel
+    assert len({t.key for t in trials}) == 4
+
+
+def test_passkey_rejects_bad_depth_and_short_length():
+    with pytest.raises(ValueError, match="depth 1.5"):
+        build_trials(CharTokenizer(), [600], [1.5], trials=1)
+    with pytest.raises(ValueError, match="too short"):
+        build_trials(CharTokenizer(), [100], [0.5], trials=1)
+
+
+def test_answer_parsing():
+    assert answer_correct(" 12345. Remember", "12345")
+    assert not answer_correct(" 1234", "12345")
+    assert not answer_correct(" the key", "12345")
+
+
+def test_passkey_outputs(tmp_path):
+    rows = [{"run": r, "length": n, "depth": d, "key": "1", "answer": "1", "correct": int(r == "full" or n < 2000)}
+            for r in ["full", "streaming-sink 4+1020"] for n in [1000, 4000] for d in [0.1, 0.9]]
+    table = write_passkey(tmp_path, rows, title="t")
+    assert table["full"][(4000, 0.9)] == 1.0 and table["streaming-sink 4+1020"][(4000, 0.9)] == 0.0
+    assert (tmp_path / "passkey.png").stat().st_size > 10_000

@@ -1,0 +1,177 @@
+"""``vllm-kvstream``: the plugin's own command line (serving is stock ``vllm serve``).
+
+    vllm-kvstream eval ppl      [--model DIR] [--text austen|FILE] [--policies ...] [--caches 4+252,...]
+    vllm-kvstream eval passkey  [--model DIR] [--lengths ...] [--depths ...] [--policies ...] [--caches ...]
+
+Every policy name the registry knows is accepted; each runs at every cache size given
+(``S+W`` tokens; a policy states how it spends that budget in ``params_for_cache``), and a
+policy without a cache size (``full``) runs once. Each run is a fresh vLLM engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+log = logging.getLogger("vllm_kvstream")
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            return [kind(x) for x in text.split(",") if x.strip()]
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from None
+
+    return parse
+
+
+def _cache(text: str):
+    from vllm_kvstream.eval.ppl import Cache
+
+    try:
+        return Cache.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="Hugging Face model folder (default: the prepared SmolLM2-135M-Instruct)")
+    p.add_argument("--policies", type=_csv(str), default=["full", "sliding-window", "streaming-sink"],
+                   help="comma-separated policy names (default: full,sliding-window,streaming-sink)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (max_num_batched_tokens)")
+    p.add_argument("--out", type=Path, default=None, help="output folder")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="vllm-kvstream", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    ev = sub.add_parser("eval", help="quality evaluations through vLLM").add_subparsers(dest="eval", required=True)
+
+    ppl = ev.add_parser("ppl", help="streaming perplexity of a long text")
+    _common(ppl)
+    ppl.add_argument("--text", default="austen", help="'austen' (Jane Austen's six novels) or a UTF-8 text file")
+    ppl.add_argument("--caches", type=_csv(_cache), default=[_cache("4+252"), _cache("4+508"), _cache("4+1020")])
+    ppl.add_argument("--tokens", type=int, default=65536, help="stream length in tokens")
+    ppl.add_argument("--full-tokens", type=int, default=None,
+                     help="cap the stream for policies without a cache size (full attention is O(n^2)); default: --tokens")
+    ppl.add_argument("--segment", type=int, default=1024, help="tokens per perplexity segment")
+    ppl.add_argument("--tail", type=int, default=8192, help="report perplexity of the last TAIL tokens too")
+
+    pk = ev.add_parser("passkey", help="passkey retrieval accuracy")
+    _common(pk)
+    pk.add_argument("--caches", type=_csv(_cache), default=[_cache("4+1020")])
+    pk.add_argument("--lengths", type=_csv(int), default=[1024, 2048, 4096, 8192])
+    pk.add_argument("--depths", type=_csv(float), default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    pk.add_argument("--trials", type=int, default=2)
+    pk.add_argument("--seed", type=int, default=0)
+    return ap
+
+
+class _Bar:
+    """A tqdm bar per run, fed by the engine subprocess's progress lines."""
+
+    def __init__(self, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(desc=desc, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _model(path: str | None) -> Path:
+    if path is not None:
+        return Path(path)
+    from vllm_kvstream.models import prepare_smollm2
+
+    return prepare_smollm2()
+
+
+def _trained_context(model: Path) -> int | None:
+    import json
+
+    return json.loads((model / "config.json").read_text()).get("max_position_embeddings")
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from vllm_kvstream.data import load_text
+    from vllm_kvstream.eval.ppl import plan_runs, token_logprobs, write_outputs
+
+    model = _model(args.model)
+    runs = plan_runs(args.policies, args.caches)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokens = tokenizer.encode(load_text(args.text), add_special_tokens=False)[: args.tokens]
+    if len(tokens) < args.tokens:
+        log.warning("the text has only %d tokens; evaluating all of them", len(tokens))
+    results = {}
+    for run in runs:
+        stream = tokens if run.cache is not None else tokens[: args.full_tokens or len(tokens)]
+        bar = _Bar(run.label)
+        try:
+            results[run.label] = token_logprobs(model, stream, run, dtype=args.dtype, chunk=args.chunk, progress=bar)
+        finally:
+            bar.close()
+    out = args.out or Path("kvstream-eval") / "ppl"
+    summary = write_outputs(out, results, segment=args.segment, tail_tokens=args.tail,
+                            trained_context=_trained_context(model),
+                            title=f"Streaming perplexity: {model.name} on {Path(args.text).name}, {len(tokens)} tokens")
+    sys.stdout.write((out / "ppl_summary.md").read_text())
+    return 0 if summary else 1
+
+
+def cmd_passkey(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from vllm_kvstream.eval.passkey import answer_correct, build_trials, run_passkey, write_outputs
+    from vllm_kvstream.eval.ppl import plan_runs
+
+    model = _model(args.model)
+    runs = plan_runs(args.policies, args.caches)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    trials = build_trials(tokenizer, args.lengths, args.depths, args.trials, seed=args.seed)
+    rows = []
+    for run in runs:
+        bar = _Bar(run.label)
+        try:
+            outputs = run_passkey(model, run, trials, dtype=args.dtype, chunk=args.chunk, progress=bar)
+        finally:
+            bar.close()
+        for trial, ids in zip(trials, outputs):
+            answer = tokenizer.decode(ids)
+            rows.append({"run": run.label, "length": trial.length, "depth": trial.depth, "key": trial.key,
+                         "answer": answer.strip(), "correct": int(answer_correct(answer, trial.key))})
+    out = args.out or Path("kvstream-eval") / "passkey"
+    write_outputs(out, rows, title=f"Passkey retrieval: {model.name}")
+    sys.stdout.write((out / "passkey_summary.md").read_text())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    from vllm_kvstream.errors import KVStreamConfigError
+
+    try:
+        if args.command == "eval" and args.eval == "ppl":
+            return cmd_ppl(args)
+        return cmd_passkey(args)
+    except (KVStreamConfigError, ValueError) as exc:
+        sys.stderr.write(f"vllm-kvstream: error: {exc}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
