@@ -9,20 +9,6 @@ import pytest
 RUNNER = Path(__file__).with_name("engine_runner.py")
 
 
-@pytest.fixture(scope="session")
-def tiny_model() -> str:
-    from vllm_kvstream.models import build_tiny_llama
-
-    return str(build_tiny_llama())
-
-
-@pytest.fixture(scope="session")
-def smollm2() -> str:
-    from vllm_kvstream.models import prepare_smollm2
-
-    return str(prepare_smollm2())
-
-
 def run_engine(engine: dict, jobs: list[dict], timeout: int = 900) -> dict:
     """Start one engine in a subprocess, run ``jobs`` (see engine_runner.py), return its JSON."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
