@@ -11,7 +11,8 @@ SmolLM2: its RoPE table ends there), so its 16x row is skipped.
 
 Timing on a shared CPU drifts by tens of percent within minutes, so the policies run in
 turn, ``--rounds`` times, each in a fresh engine process, and each figure is the lowest of
-its rounds' medians (the least disturbed run).
+its rounds' medians (the least disturbed run). Each engine first runs one warm-up stream of
+the longest length (see ``run_one``).
 
     python examples/bench_streaming.py [--model PATH] [--decode 24] [--lengths 1,4,16] [--rounds 2]
 """
@@ -51,6 +52,14 @@ def run_one(args: argparse.Namespace) -> None:
     engine = llm.llm_engine
     pool = engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
     rng = random.Random(0)
+    # Warm-up: one stream of the longest length first. A process that has prefilled a long
+    # prompt decodes ~10-30% slower afterwards, stock kernels and matmuls included (seen on
+    # this CPU); warming up puts every measured length in that same state.
+    warm = min(max(lengths), engine.vllm_config.model_config.max_model_len) - 2
+    engine.add_request("warm", {"prompt_token_ids": [rng.randrange(200, 40000) for _ in range(warm)]},
+                       SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
     rows = []
     for mult, length in zip(args.lengths, lengths):
         if length > engine.vllm_config.model_config.max_model_len:

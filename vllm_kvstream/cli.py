@@ -44,6 +44,7 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="comma-separated policy names (default: full,sliding-window,streaming-sink)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (max_num_batched_tokens)")
+    p.add_argument("--block-size", type=int, default=None, help="KV block size (default: vLLM's; a window must hold one block)")
     p.add_argument("--out", type=Path, default=None, help="output folder")
 
 
@@ -121,7 +122,8 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         stream = tokens if run.cache is not None else tokens[: args.full_tokens or len(tokens)]
         bar = _Bar(run.label)
         try:
-            results[run.label] = token_logprobs(model, stream, run, dtype=args.dtype, chunk=args.chunk, progress=bar)
+            results[run.label] = token_logprobs(model, stream, run, dtype=args.dtype, chunk=args.chunk,
+                                                block_size=args.block_size, progress=bar)
         finally:
             bar.close()
     out = args.out or Path("kvstream-eval") / "ppl"
@@ -146,7 +148,8 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     for run in runs:
         bar = _Bar(run.label)
         try:
-            outputs = run_passkey(model, run, trials, dtype=args.dtype, chunk=args.chunk, progress=bar)
+            outputs = run_passkey(model, run, trials, dtype=args.dtype, chunk=args.chunk, block_size=args.block_size,
+                                  progress=bar)
         finally:
             bar.close()
         for trial, ids in zip(trials, outputs):

@@ -78,7 +78,7 @@ def test_cli_rejects_bad_values():
 def test_cli_ppl_writes_table_csv_and_plot(tmp_path):
     out = tmp_path / "ppl"
     proc = run_cli("eval", "ppl", "--policies", "sliding-window,streaming-sink", "--caches", "4+124",
-                   "--tokens", "768", "--segment", "128", "--tail", "256", "--chunk", "256", "--out", str(out))
+                   "--block-size", "32", "--tokens", "768", "--segment", "128", "--tail", "256", "--chunk", "256", "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| streaming-sink 4+124 | 768 |" in proc.stdout
     assert (out / "ppl.png").stat().st_size > 10_000

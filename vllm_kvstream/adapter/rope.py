@@ -62,6 +62,12 @@ def forget_recorded_ropes() -> None:
         _recorded_ropes.clear()
 
 
+def _forward_context():
+    """vLLM's per-forward-pass context object (a new one every step), or None outside one."""
+    fc = probe("vllm.forward_context")
+    return fc.get_forward_context() if fc.is_forward_context_available() else None
+
+
 def register_rope_override() -> None:
     """Register the override once per process (vLLM asserts on duplicate OOT names)."""
     custom_op = probe("vllm.model_executor.custom_op")
@@ -86,6 +92,7 @@ def register_rope_override() -> None:
                 )
                 self._kvstream_stock_forward = self._forward_method
                 self._forward_method = self._kvstream_forward
+                self._kvstream_step: tuple | None = None
                 with _lock:
                     _recorded_ropes.append(self.kvstream_rope)
 
@@ -103,14 +110,19 @@ def register_rope_override() -> None:
             return self._kvstream_stock_forward(positions, query, key, *args, **kwargs)
 
         def _kvstream_far(self, positions: torch.Tensor, query: torch.Tensor, key):
+            """Rotate with a cos/sin table built for exactly this batch's positions (float64
+            angles), shared by every layer of the step, through the stock torch op."""
             pos = positions.flatten()
-            rope = self.kvstream_rope
-
-            def rot(x: torch.Tensor) -> torch.Tensor:
-                shaped = x.view(pos.shape[0], -1, self.head_size)
-                return rope.rotate(shaped.float(), pos).to(x.dtype).reshape(x.shape)
-
-            return rot(query), (rot(key) if key is not None else None)
+            ctx = _forward_context()
+            cached = self._kvstream_step
+            if ctx is not None and cached is not None and cached[0] is ctx and cached[1] == (pos.numel(), query.dtype):
+                local, table = cached[2], cached[3]
+            else:
+                cos, sin = self.kvstream_rope.cos_sin(pos)
+                table = torch.cat((cos, sin), dim=-1).to(device=query.device, dtype=query.dtype)
+                local = torch.arange(pos.numel(), device=pos.device)
+                self._kvstream_step = (ctx, (pos.numel(), query.dtype), local, table)
+            return self.forward_static(local, query, key, self.head_size, self.rotary_dim, table, self.is_neox_style)
 
     KVStreamRotaryEmbedding.__qualname__ = "KVStreamRotaryEmbedding"
     custom_op.CustomOp.register_oot(KVStreamRotaryEmbedding, name="RotaryEmbedding")
