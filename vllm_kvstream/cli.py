@@ -118,6 +118,8 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     if len(tokens) < args.tokens:
         log.warning("the text has only %d tokens; evaluating all of them", len(tokens))
     results = {}
+    out = args.out or Path("kvstream-eval") / "ppl"
+    summary = {}
     for run in runs:
         stream = tokens if run.cache is not None else tokens[: args.full_tokens or len(tokens)]
         bar = _Bar(run.label)
@@ -126,10 +128,10 @@ def cmd_ppl(args: argparse.Namespace) -> int:
                                                 block_size=args.block_size, progress=bar)
         finally:
             bar.close()
-    out = args.out or Path("kvstream-eval") / "ppl"
-    summary = write_outputs(out, results, segment=args.segment, tail_tokens=args.tail,
-                            trained_context=_trained_context(model),
-                            title=f"Streaming perplexity: {model.name} on {Path(args.text).name}, {len(tokens)} tokens")
+        # Written after every run, so a long evaluation that is stopped keeps what it measured.
+        summary = write_outputs(out, results, segment=args.segment, tail_tokens=args.tail,
+                                trained_context=_trained_context(model),
+                                title=f"Streaming perplexity: {model.name} on {Path(args.text).name}, {len(tokens)} tokens")
     sys.stdout.write((out / "ppl_summary.md").read_text())
     return 0 if summary else 1
 

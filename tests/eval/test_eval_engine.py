@@ -84,3 +84,21 @@ def test_cli_ppl_writes_table_csv_and_plot(tmp_path):
     assert (out / "ppl.png").stat().st_size > 10_000
     rows = (out / "ppl_segments.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 6
+
+
+@pytest.mark.slow
+def test_64k_stream_streaming_sink_stays_fluent_sliding_window_does_not(smollm2):
+    """The full-length claim (about 15 min on 2 cores): 64K tokens of Austen, 8x SmolLM2's
+    context, as one stream at a 4+1020 cache."""
+    from transformers import AutoTokenizer
+
+    from vllm_kvstream.data import austen_text
+    from vllm_kvstream.eval.ppl import Cache, perplexity, plan_runs, token_logprobs
+
+    tokens = AutoTokenizer.from_pretrained(smollm2).encode(austen_text(), add_special_tokens=False)[:65536]
+    sink, window = plan_runs(["streaming-sink", "sliding-window"], [Cache(4, 1020)])
+    lp_sink = token_logprobs(smollm2, tokens, sink)
+    lp_window = token_logprobs(smollm2, tokens, window)
+    head, tail = perplexity(lp_sink[:8192]), perplexity(lp_sink[-8192:])
+    assert tail < 1.5 * head, (head, tail)  # no collapse 56K tokens past the trained context
+    assert perplexity(lp_window[-8192:]) > 1.2 * tail  # losing the sinks costs quality
