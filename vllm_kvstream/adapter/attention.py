@@ -32,6 +32,7 @@ ignores the selected backend).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
@@ -139,6 +140,10 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
             self.stock.isa = "vec" if self.block_size % 32 == 0 else "vec16"
             self.stock._set_isa_to_layers(layer_names)
 
+    @cached_property
+    def rope(self) -> Rope:
+        return recorded_rope()  # the model is built before any step; looked up once, not per step
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> KVStreamMetadata:
         cm = common_attn_metadata
         pattern = self.pattern
@@ -169,7 +174,7 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
                 sink_tokens=pattern.sink_tokens,
                 window_tokens=pattern.window_tokens,
                 block_size=self.block_size,
-                rope=recorded_rope(),
+                rope=self.rope,
             )
         return KVStreamMetadata(
             num_actual_tokens=cm.num_actual_tokens,
