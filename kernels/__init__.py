@@ -7,12 +7,8 @@ dispatcher picks them on CUDA; nothing in this package imports vLLM.
 
 from vllm_kvstream.kernels.rope import Rope
 from vllm_kvstream.kernels.sink_decode import DecodePlan, plan_decode, sink_window_decode, split_cpu_kv_cache
-from vllm_kvstream.kernels.sink_attention import (
-    RequestSlice,
-    sink_window_attention,
-    sink_window_attention_ref,
-    write_kv_ref,
-)
+from vllm_kvstream.kernels.sink_attention import RequestSlice, sink_window_attention_ref, write_kv_ref
+from vllm_kvstream.kernels.sink_prefill import sink_window_attention, sink_window_attention_tiled
 
 __all__ = [
     "DecodePlan",
@@ -23,5 +19,6 @@ __all__ = [
     "Rope",
     "sink_window_attention",
     "sink_window_attention_ref",
+    "sink_window_attention_tiled",
     "write_kv_ref",
 ]

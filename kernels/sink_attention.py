@@ -159,8 +159,3 @@ def sink_window_attention_ref(
         o = o.view(kv_heads, group, n, -1).permute(2, 0, 1, 3).reshape(n, num_heads, -1)
         out[req.q_start : req.q_end] = o.to(out.dtype)
     return out
-
-
-def sink_window_attention(*args, **kwargs) -> torch.Tensor:
-    """Dispatcher: the torch reference everywhere until a Triton kernel is registered for CUDA."""
-    return sink_window_attention_ref(*args, **kwargs)
