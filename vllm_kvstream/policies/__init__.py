@@ -5,8 +5,9 @@ registers the built-in policies (a registration, not a side effect on anything o
 this package).
 """
 
-from vllm_kvstream.policies import full, sliding_window, streaming_sink  # noqa: F401  (registers)
+from vllm_kvstream.policies import full, sliding_window, streaming_sink, topk_importance  # noqa: F401  (registers)
 from vllm_kvstream.policies.base import AttentionPattern, KVPolicy, PolicyConfig
+from vllm_kvstream.policies.topk_importance import BlockSelection, TopKImportancePolicy
 from vllm_kvstream.policies.registry import (
     available_policies,
     build_policy,
@@ -16,10 +17,12 @@ from vllm_kvstream.policies.registry import (
 
 __all__ = [
     "AttentionPattern",
+    "BlockSelection",
     "KVPolicy",
     "PolicyConfig",
     "available_policies",
     "build_policy",
     "get_policy_class",
     "register_policy",
+    "TopKImportancePolicy",
 ]

@@ -61,6 +61,9 @@ class KVPolicy(ABC):
     config_model: ClassVar[type[PolicyConfig]]
     #: Whether the policy frees blocks (and so lets a stream run past max_model_len).
     bounded: ClassVar[bool] = True
+    #: Whether the kept set depends on scores (attention keeps a per-request selection)
+    #: rather than on positions alone.
+    selects_blocks: ClassVar[bool] = False
 
     def __init__(self, config: PolicyConfig) -> None:
         self.config = config
@@ -173,12 +176,17 @@ class KVPolicy(ABC):
 
 
 def _field_help(field: Any) -> str:
+    choices = getattr(field.annotation, "__args__", None)
+    if choices and all(isinstance(c, str) for c in choices):
+        text = "one of " + ", ".join(repr(c) for c in choices)
+        return text if field.is_required() else f"{text}, default {field.default!r}"
     bounds = []
     for meta in field.metadata:
         for attr, sym in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")):
             if getattr(meta, attr, None) is not None:
                 bounds.append(f"{sym} {getattr(meta, attr)}")
-    text = " ".join(["integer", *bounds])
+    kind = "number" if field.annotation is float else "integer"
+    text = " ".join([kind, *bounds])
     if not field.is_required():
         text += f", default {field.default}"
     return text
