@@ -1,0 +1,91 @@
+"""Attention over a selection of whole blocks (``topk-importance``), with the attention mass
+each block receives (reference implementation).
+
+Semantics, for queries at positions ``first_pos + i`` of one request: the request keeps the
+logical blocks ``logical`` (ascending; block ``b`` holds tokens ``[b * bs, (b + 1) * bs)``),
+stored in the physical blocks ``blocks``. A query at ``p`` attends to every cached token
+(``< num_tokens``) of every kept block that is not after ``p``. Positions are counted inside
+the cache, as StreamingLLM does: the kept tokens, in order, sit at positions 0, 1, 2, ...
+
+    logical:   [0]  [3]  [4]  [9] [10] [11 <- queries]
+    gap after:  8    5    5    0    0    0      (evicted blocks between it and the queries)
+
+Keys are cached after RoPE at their absolute positions (``rope_applied``), so only distances
+need fixing: a key of block ``b`` is rotated forward by ``bs x`` (blocks evicted between
+``b`` and the queries), which puts it at exactly its cache-relative distance from every query
+(the queries sit in the last, contiguous run of blocks, as the recent window guarantees).
+
+The mass of block ``k`` is ``sum_i w_i sum_heads sum_{t in block k} softmax_i(t)`` with
+``w_i = decay ** (n - 1 - i)``: H2O's accumulated attention, decayed per query.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vllm_kvstream.kernels.rope import Rope
+
+
+def evicted_after(logical: torch.Tensor) -> torch.Tensor:
+    """For ascending kept block indices, how many blocks were evicted between each one and
+    the last kept block."""
+    m = logical.numel()
+    return (logical[-1] - logical) - (m - 1 - torch.arange(m, device=logical.device))
+
+
+def selected_attention_ref(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    logical: torch.Tensor,
+    *,
+    num_tokens: int,
+    first_pos: int,
+    scale: float,
+    rope: Rope | None,
+    out: torch.Tensor,
+    decay: float = 1.0,
+) -> torch.Tensor:
+    """Naive float32 reference. ``query`` ``[n, heads, head_size]`` (rotated at its absolute
+    positions); caches ``[num_blocks, kv_heads, block_size, head_size]``; ``blocks`` and
+    ``logical`` ``[m]``. Writes the output into ``out`` (``query``'s shape) and returns the
+    mass ``[m]`` (float32)."""
+    n, num_heads, _ = query.shape
+    kv_heads, bs = key_cache.shape[1], key_cache.shape[2]
+    group = num_heads // kv_heads
+    m = logical.numel()
+    blocks = blocks.to(torch.long)
+    logical = logical.to(torch.long)
+    k = key_cache.index_select(0, blocks).permute(0, 2, 1, 3).reshape(m * bs, kv_heads, -1).float()
+    v = value_cache.index_select(0, blocks).permute(0, 2, 1, 3).reshape(m * bs, kv_heads, -1).float()
+    pos = (logical[:, None] * bs + torch.arange(bs)[None, :]).reshape(-1)
+    if rope is not None:
+        shift = (evicted_after(logical) * bs).repeat_interleave(bs)
+        if bool((shift > 0).any()):
+            k = rope.rotate(k, shift)
+    # Slots past the cached tokens (the tail of the last block) hold stale data: never read.
+    v = v.masked_fill((pos >= num_tokens)[:, None, None], 0.0)
+    pos_q = torch.arange(first_pos, first_pos + n)
+    visible = (pos[None, :] <= pos_q[:, None]) & (pos[None, :] < num_tokens)  # [n, m * bs]
+    q = query.float().view(n, kv_heads, group, -1).permute(1, 2, 0, 3).reshape(kv_heads, group * n, -1)
+    s = torch.bmm(q, k.permute(1, 2, 0)) * scale  # [Hkv, group * n, m * bs]
+    s = s.masked_fill(~visible.repeat(group, 1), float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    o = torch.bmm(p, v.permute(1, 0, 2))  # [Hkv, group * n, D]
+    out.copy_(o.view(kv_heads, group, n, -1).permute(2, 0, 1, 3).reshape(n, num_heads, -1).to(out.dtype))
+    per_query = p.view(kv_heads, group, n, m, bs).sum(dim=(0, 1, 4))  # [n, m]
+    weights = decay ** torch.arange(n - 1, -1, -1, dtype=torch.float64)
+    return (weights.float()[:, None] * per_query).sum(dim=0)
+
+
+def block_key_norms(key_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """Mean L2 norm of the keys of each block (all heads, all ``block_size`` tokens): the
+    static ``key-norm`` score is its negative. RoPE keeps norms, so cached keys do."""
+    k = key_cache.index_select(0, blocks.to(torch.long)).float()  # [m, H, bs, D]
+    return k.norm(dim=-1).mean(dim=(1, 2))
+
+
+def selected_attention(*args, **kwargs) -> torch.Tensor:
+    """Dispatcher: the torch reference everywhere until a Triton kernel is registered for CUDA."""
+    return selected_attention_ref(*args, **kwargs)
