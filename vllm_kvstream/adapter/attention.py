@@ -16,7 +16,10 @@ unchanged, so the plugin costs short streams nothing. A step with an evicting re
 ``kernels.sink_window_decode`` for its one-token (decode) requests, from a plan built once per
 step by the metadata builder (the blocks to read and the attended slots do not depend on the
 layer), and the reference for its prefill chunks, one request at a time. Both read the stock
-layout through ``kernels.split_cpu_kv_cache``. The stock builder picks a kernel ISA per
+layout through ``kernels.split_cpu_kv_cache``. A policy that selects blocks by score
+(``topk-importance``) runs every step through ``adapter.selection.SelectionStore``, which
+keeps each request's selection per layer and copies kept content out of blocks about to be
+freed (its docstring argues the design). The stock builder picks a kernel ISA per
 machine; this backend pins it to ``vec``/``vec16``, whose layout (keys transposed per block
 and head) is the one those readers know (``amx`` packs bf16 keys into tiles instead).
 
@@ -40,6 +43,7 @@ import torch
 from vllm_kvstream.adapter.compat import probe
 from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_spec
 from vllm_kvstream.adapter.rope import recorded_rope
+from vllm_kvstream.adapter.selection import SelectionStore, SelectRequest
 from vllm_kvstream.adapter.state import active_policy, current_config, policy_for, remember_engine_config
 from vllm_kvstream.kernels import (
     DecodePlan,
@@ -127,6 +131,9 @@ class KVStreamMetadata:
     requests: list[RequestSlice]  # requests with several query tokens (prefill chunks)
     decode: DecodePlan | None  # requests with one query token, planned once for all layers
     block_table: torch.Tensor
+    #: Block-selecting policies: the store and this step's requests bound to their selections.
+    store: SelectionStore | None = None
+    selection: list | None = None
 
 
 class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
@@ -135,6 +142,7 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         self.block_size = kv_cache_spec.block_size
         policy = kv_cache_spec.policy if isinstance(kv_cache_spec, KVStreamAttentionSpec) else active_policy()
         self.pattern = policy.pattern
+        self.store = SelectionStore(policy, self.block_size) if policy.selects_blocks else None
         self.stock = StockBuilder(kv_cache_spec, layer_names, vllm_config, device)
         if self.stock.isa not in LAYOUT_ISAS:  # pin the layout the readers know (module docstring)
             self.stock.isa = "vec" if self.block_size % 32 == 0 else "vec16"
@@ -148,6 +156,8 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         cm = common_attn_metadata
         pattern = self.pattern
         seq_lens = cm.seq_lens.cpu()[: cm.num_reqs]
+        if self.store is not None:
+            return self._build_selection(cm, seq_lens)
         # A query at p attends to a non-prefix set iff p >= S + W, i.e. seq_len > S + W.
         if pattern.window_tokens is None or not bool((seq_lens > pattern.sink_tokens + pattern.window_tokens).any()):
             return KVStreamMetadata(
@@ -182,6 +192,26 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
             requests=requests,
             decode=decode,
             block_table=cm.block_table_tensor,
+        )
+
+
+    def _build_selection(self, cm, seq_lens: torch.Tensor) -> KVStreamMetadata:
+        """Every step of a block-selecting policy runs the selection path: scores accrue from
+        the first query on (H2O counts them all)."""
+        qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
+        table = cm.block_table_tensor.cpu()
+        requests = []
+        for i, seq_len in enumerate(seq_lens.tolist()):
+            row = tuple(table[i, : -(-seq_len // self.block_size)].tolist())
+            requests.append(SelectRequest(q_start=qsl[i], q_end=qsl[i + 1], seq_len=seq_len, row=row))
+        return KVStreamMetadata(
+            num_actual_tokens=cm.num_actual_tokens,
+            stock=None,
+            requests=[],
+            decode=None,
+            block_table=cm.block_table_tensor,
+            store=self.store,
+            selection=self.store.begin_step(requests),
         )
 
 
@@ -250,6 +280,11 @@ class KVStreamImpl(AttentionImpl):
         n = attn_metadata.num_actual_tokens
         query = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        if attn_metadata.selection is not None:
+            attn_metadata.store.run(
+                layer.layer_name, query, kv_cache, attn_metadata.selection, scale=self.scale, rope=self.rope, out=out
+            )
+            return output
         if attn_metadata.decode is not None:
             sink_window_decode(query, kv_cache, attn_metadata.decode, scale=self.scale, rope=self.rope, out=out)
         if attn_metadata.requests:

@@ -90,6 +90,15 @@ def prepare_engine_args(engine_args) -> None:
             f"--kv-cache-dtype {engine_args.kv_cache_dtype!r} is not supported with --kv-policy "
             f"{policy.name!r}; allowed: auto"
         )
+    if policy.selects_blocks:
+        # The worker rewrites block contents in place (see adapter/selection.py): a block's
+        # hash would no longer describe it, so no block of such a policy may be shared.
+        if engine_args.enable_prefix_caching:
+            raise KVStreamConfigError(
+                f"--enable-prefix-caching is not supported with --kv-policy {policy.name!r} "
+                "(it rewrites KV blocks in place); allowed: --no-enable-prefix-caching"
+            )
+        engine_args.enable_prefix_caching = False
     if policy.bounded:
         os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         if engine_args.max_model_len is None:

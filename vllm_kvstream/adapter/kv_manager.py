@@ -102,6 +102,14 @@ class KVStreamManager(FullAttentionManager):
         )
         self._free_outside_policy(request_id, num_local_computed_tokens + num_external_computed_tokens)
 
+    def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:
+        # A policy that selects blocks has the worker rewrite their contents in place, so a
+        # block's hash would lie; engine_args turns prefix caching off for it, and this keeps
+        # a forced setting from publishing blocks anyway.
+        if self.policy.selects_blocks:
+            return
+        super().cache_blocks(request, num_tokens, *args, **kwargs)
+
     def held_blocks(self, request_id: str) -> int:
         """Blocks this request holds in the pool (null placeholders excluded)."""
         return sum(not b.is_null for b in self.req_to_blocks.get(request_id, ()))

@@ -1,0 +1,74 @@
+"""topk-importance end to end on a real vLLM engine (CPU): identical to stock inside the
+budget, a stream of 32x the budget held to budget / block + 1 blocks, the pool back to its
+start on finish and abort, and requests batched together equal to each alone."""
+
+import random
+
+import pytest
+
+from tests.e2e.conftest import policy_config, run_engine
+
+pytestmark = pytest.mark.e2e
+
+BLOCK, CHUNK = 16, 64
+TOPK = {"budget_tokens": 80, "sink_tokens": 4, "recent_tokens": 32}
+
+
+def topk_engine(model, score="attention", **extra):
+    return {
+        "model": model, "enforce_eager": True, "dtype": "float32", "block_size": BLOCK,
+        "max_num_batched_tokens": CHUNK, "max_num_seqs": 16, "seed": 0,
+        "additional_config": policy_config("topk-importance", **TOPK, score=score),
+        **extra,
+    }
+
+
+def test_inside_budget_identical_to_stock(tiny_model):
+    rng = random.Random(3)
+    prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (5, 30)]
+    job = {"prompts": prompts, "sampling": {"max_tokens": 40, "temperature": 0.0, "logprobs": 0, "ignore_eos": True}}
+    # Stock CPU attention needs blocks of 32; inside the budget block size changes nothing.
+    stock = run_engine({**topk_engine(tiny_model), "additional_config": {}, "block_size": 32}, [job])["jobs"][0]
+    ours = run_engine(topk_engine(tiny_model), [job])["jobs"][0]
+    for a, b in zip(stock["results"], ours["results"]):
+        assert len(b["token_ids"]) == 40
+        assert a["token_ids"] == b["token_ids"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+
+
+@pytest.mark.parametrize("score", ["attention", "key-norm"])
+def test_stream_of_32x_budget_bounded_and_pool_recovers(tiny_model, score):
+    rng = random.Random(4)
+    budget = TOPK["budget_tokens"]
+    # Decode-bound stream: a short prompt, then 32x the budget of generated tokens.
+    decode = {"prompts": [[rng.randrange(100, 40000) for _ in range(20)]],
+              "sampling": {"max_tokens": 32 * budget, "temperature": 0.0, "ignore_eos": True}}
+    # A long prompt prefilled in chunks (compressed as it streams in), then aborted mid-way.
+    aborted = {"prompts": [[rng.randrange(100, 40000) for _ in range(1500)]],
+               "sampling": {"max_tokens": 10}, "tag": "abort", "abort_after_steps": 12}
+    out = run_engine(topk_engine(tiny_model, score=score), [decode, aborted])
+    done, stopped = out["jobs"]
+    assert len(done["results"][0]["token_ids"]) == 32 * budget
+    assert done["peak_held"][0] <= budget // BLOCK + 1
+    assert done["free_end"] == done["free_start"]
+    assert stopped["results"][0] is None and stopped["steps"] == 12
+    assert stopped["free_end"] == stopped["free_start"]
+
+
+def test_batch_equals_alone(tiny_model):
+    """Each request keeps its own selection and its own block copies under continuous batching."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (300, 20, 170, 90)]
+    sampling = {"max_tokens": 150, "temperature": 0.0, "ignore_eos": True}
+    jobs = [{"prompts": prompts, "sampling": sampling, "tag": "batch"}]
+    jobs += [{"prompts": [p], "sampling": sampling, "tag": f"alone{i}"} for i, p in enumerate(prompts)]
+    out = run_engine(topk_engine(tiny_model), jobs)
+    batch, alone = out["jobs"][0], out["jobs"][1:]
+    for i, solo in enumerate(alone):
+        assert batch["results"][i]["token_ids"] == solo["results"][0]["token_ids"], i
+    assert batch["free_end"] == batch["free_start"]
+
+
+def test_prefix_caching_refused(tiny_model):
+    with pytest.raises(AssertionError, match="enable-prefix-caching is not supported with --kv-policy 'topk-importance'"):
+        run_engine(topk_engine(tiny_model, enable_prefix_caching=True), [])
