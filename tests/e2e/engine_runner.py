@@ -33,11 +33,20 @@ def _held(manager, req_id):
     return total
 
 
+def _decoding(core, req_id):
+    """Whether the request has run a decode step (its blocks were trimmed for decoding: right
+    after the last prefill chunk, that chunk's blocks are still held)."""
+    for key, req in core.scheduler.requests.items():
+        if key == req_id or key.startswith(req_id + "-"):
+            return req.num_computed_tokens > req.num_prompt_tokens
+    return False
+
+
 def run_generate(llm, job):
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    _, manager, pool = _pool_state(engine)
+    core, manager, pool = _pool_state(engine)
     free_start = pool.get_num_free_blocks()
     sp = SamplingParams(**job["sampling"])
     ids = [f"{job.get('tag', 'g')}-{i}" for i in range(len(job["prompts"]))]
@@ -45,6 +54,7 @@ def run_generate(llm, job):
         engine.add_request(rid, {"prompt_token_ids": prompt}, sp)
     results = {rid: None for rid in ids}
     peak_held = {rid: 0 for rid in ids}
+    peak_held_decode = {rid: 0 for rid in ids}
     peak_used = 0
     steps = 0
     abort_after = job.get("abort_after_steps")
@@ -68,11 +78,14 @@ def run_generate(llm, job):
         peak_used = max(peak_used, free_start - pool.get_num_free_blocks())
         for rid in ids:
             peak_held[rid] = max(peak_held[rid], _held(manager, rid))
+            if _decoding(core, rid):
+                peak_held_decode[rid] = max(peak_held_decode[rid], _held(manager, rid))
         if abort_after is not None and steps == abort_after:
             engine.abort_request(ids)
     return {
         "results": [results[r] for r in ids],
         "peak_held": [peak_held[r] for r in ids],
+        "peak_held_decode": [peak_held_decode[r] for r in ids],
         "peak_used": peak_used,
         "free_start": free_start,
         "free_end": pool.get_num_free_blocks(),

@@ -7,6 +7,7 @@ import random
 import pytest
 
 from tests.e2e.conftest import policy_config, run_engine
+from vllm_kvstream.policies import build_policy
 
 pytestmark = pytest.mark.e2e
 
@@ -40,16 +41,20 @@ def test_inside_budget_identical_to_stock(tiny_model):
 def test_stream_of_32x_budget_bounded_and_pool_recovers(tiny_model, score):
     rng = random.Random(4)
     budget = TOPK["budget_tokens"]
-    # Decode-bound stream: a short prompt, then 32x the budget of generated tokens.
-    decode = {"prompts": [[rng.randrange(100, 40000) for _ in range(20)]],
-              "sampling": {"max_tokens": 32 * budget, "temperature": 0.0, "ignore_eos": True}}
-    # A long prompt prefilled in chunks (compressed as it streams in), then aborted mid-way.
+    policy = build_policy("topk-importance", {**TOPK, "score": score})
+    # A stream of 32x the budget: a long prompt, compressed as it is prefilled in chunks,
+    # then enough generated tokens to cross many block boundaries while decoding.
+    stream = {"prompts": [[rng.randrange(100, 40000) for _ in range(32 * budget - 300)]],
+              "sampling": {"max_tokens": 300, "temperature": 0.0, "ignore_eos": True}}
     aborted = {"prompts": [[rng.randrange(100, 40000) for _ in range(1500)]],
                "sampling": {"max_tokens": 10}, "tag": "abort", "abort_after_steps": 12}
-    out = run_engine(topk_engine(tiny_model, score=score), [decode, aborted])
+    out = run_engine(topk_engine(tiny_model, score=score), [stream, aborted])
     done, stopped = out["jobs"]
-    assert len(done["results"][0]["token_ids"]) == 32 * budget
-    assert done["peak_held"][0] <= budget // BLOCK + 1
+    assert len(done["results"][0]["token_ids"]) == 300
+    # Read from the scheduler's manager: while decoding, budget / block + 1 blocks at most;
+    # while a prefill chunk is computed, its own blocks on top.
+    assert 0 < done["peak_held_decode"][0] <= budget // BLOCK + 1
+    assert done["peak_held"][0] <= policy.max_blocks_per_request(BLOCK, CHUNK, 1 << 40)
     assert done["free_end"] == done["free_start"]
     assert stopped["results"][0] is None and stopped["steps"] == 12
     assert stopped["free_end"] == stopped["free_start"]
@@ -67,8 +72,3 @@ def test_batch_equals_alone(tiny_model):
     for i, solo in enumerate(alone):
         assert batch["results"][i]["token_ids"] == solo["results"][0]["token_ids"], i
     assert batch["free_end"] == batch["free_start"]
-
-
-def test_prefix_caching_refused(tiny_model):
-    with pytest.raises(AssertionError, match="enable-prefix-caching is not supported with --kv-policy 'topk-importance'"):
-        run_engine(topk_engine(tiny_model, enable_prefix_caching=True), [])
