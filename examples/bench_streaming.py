@@ -1,12 +1,14 @@
 """Benchmark: KV blocks held and decode ms/token against stream length, stock vLLM beside the
 plugin, in one run.
 
-For stock vLLM (plugin inert), ``full`` and ``streaming-sink`` (4 + 1020), a stream of
+For stock vLLM (plugin inert) and each policy given, sized to a cache of 4 + 1020 tokens
+(``full``, ``streaming-sink``, ``topk-importance``, ...), a stream of
 L = 1x, 4x and 16x the cache size (1024 tokens) is prefilled and then decoded for
 ``--decode`` tokens. Printed per row, read from vLLM's block pool: the most blocks the
 request held while decoding, and the peak over the whole stream (prefill chunks included);
 and the median decode step time. Ratios: to the same engine's 1x figure, and the plugin's
-to stock's at the same length. Stock vLLM cannot go past the model's trained context (8K for
+to stock's and to ``streaming-sink``'s at the same length (the overhead of scoring, for
+``topk-importance``). Stock vLLM cannot go past the model's trained context (8K for
 SmolLM2: its RoPE table ends there), so its 16x row is skipped.
 
 Timing on a shared CPU drifts by tens of percent within minutes, so the policies run in
@@ -72,7 +74,10 @@ def run_one(args: argparse.Namespace) -> None:
     if args.policy == "stock":
         kw["max_model_len"] = min(max(lengths), 8192)
     else:
-        params = {"sink_tokens": 4, "window_tokens": CACHE - 4} if args.policy == "streaming-sink" else {}
+        from vllm_kvstream.policies import get_policy_class
+
+        # Every policy sized to the same cache of 4 + 1020 tokens, as it says it spends it.
+        params = get_policy_class(args.policy).params_for_cache(4, CACHE - 4) or {}
         kw["additional_config"] = {"kv_policy": args.policy, "kv_policy_config": params}
         if args.policy == "full":
             kw["max_model_len"] = max(lengths) + 8
@@ -144,17 +149,20 @@ def main() -> None:
             for best, r in zip(results[policy], rows):
                 best["ms_per_token"] = min(best["ms_per_token"], r["ms_per_token"])
     stock = {r["mult"]: r for r in results.get("stock", [])}
+    sink = {r["mult"]: r for r in results.get("streaming-sink", [])}
     lines = ["| policy | stream | KV blocks held (decode) | ratio vs 1x | peak blocks (prefill incl.) "
-             "| decode ms/token | ratio vs 1x | vs stock |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| decode ms/token | ratio vs 1x | vs stock | vs streaming-sink |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for policy, rows in results.items():
         base = rows[0]
         for r in rows:
             vs_stock = (f"{r['ms_per_token'] / stock[r['mult']]['ms_per_token']:.2f}"
                         if r["mult"] in stock and policy != "stock" else "-")
+            vs_sink = (f"{r['ms_per_token'] / sink[r['mult']]['ms_per_token']:.2f}"
+                       if r["mult"] in sink and policy not in ("stock", "streaming-sink") else "-")
             lines.append(f"| {policy} | {r['mult']}x ({r['length']} tok) | {r['blocks']} | "
                          f"{r['blocks'] / base['blocks']:.2f} | {r['peak_blocks']} | {r['ms_per_token']:.1f} | "
-                         f"{r['ms_per_token'] / base['ms_per_token']:.2f} | {vs_stock} |")
+                         f"{r['ms_per_token'] / base['ms_per_token']:.2f} | {vs_stock} | {vs_sink} |")
     sys.stdout.write("\n".join(lines) + "\n")
 
 

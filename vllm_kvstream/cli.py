@@ -41,7 +41,8 @@ def _cache(text: str):
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="Hugging Face model folder (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--policies", type=_csv(str), default=["full", "sliding-window", "streaming-sink"],
-                   help="comma-separated policy names (default: full,sliding-window,streaming-sink)")
+                   help="comma-separated policies, each NAME[:KEY=VALUE...] to override how it sizes itself, "
+                        "e.g. topk-importance:score=key-norm (default: full,sliding-window,streaming-sink)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (max_num_batched_tokens)")
     p.add_argument("--block-size", type=int, default=None, help="KV block size (default: vLLM's; a window must hold one block)")

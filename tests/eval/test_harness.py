@@ -28,6 +28,17 @@ def test_plan_runs_sizes_each_policy_and_runs_full_once():
     assert runs[4].params == {"sink_tokens": 4, "window_tokens": 1020}
 
 
+def test_policy_options_override_sizing_and_label_the_run():
+    runs = plan_runs(["topk-importance:score=key-norm:decay=0.99", "full"], [Cache(4, 508)])
+    assert [r.label for r in runs] == ["topk-importance:score=key-norm:decay=0.99 4+508", "full"]
+    assert runs[0].params == {"budget_tokens": 512, "sink_tokens": 4, "recent_tokens": 254,
+                              "score": "key-norm", "decay": 0.99}
+    with pytest.raises(KVStreamConfigError, match=r"score='h2o'.*one of 'attention', 'key-norm'"):
+        plan_runs(["topk-importance:score=h2o"], [Cache(4, 508)])
+    with pytest.raises(ValueError, match="policy option 'decay' in 'topk-importance:decay' is not KEY=VALUE"):
+        plan_runs(["topk-importance:decay"], [Cache(4, 508)])
+
+
 def test_plan_runs_rejects_unknown_policy_naming_allowed():
     with pytest.raises(KVStreamConfigError, match="streaming-sink"):
         plan_runs(["nope"], [Cache(4, 252)])

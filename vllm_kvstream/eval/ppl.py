@@ -15,6 +15,7 @@ log-perplexity), ``ppl_summary.csv`` and ``ppl_summary.md`` (overall and last-8K
 from __future__ import annotations
 
 import csv
+import json
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,28 +49,54 @@ class Cache:
 
 @dataclass(frozen=True)
 class Run:
-    """One evaluation run: a policy at a cache size (``cache=None`` for ``full``)."""
+    """One evaluation run: a policy at a cache size (``cache=None`` for ``full``);
+    ``options`` the policy options given beside its name (``:score=key-norm``), for the label."""
 
     policy: str
     cache: Cache | None
     params: dict | None
+    options: str = ""
 
     @property
     def label(self) -> str:
-        return self.policy if self.cache is None else f"{self.policy} {self.cache.label}"
+        name = self.policy + self.options
+        return name if self.cache is None else f"{name} {self.cache.label}"
+
+
+def parse_policy_spec(text: str) -> tuple[str, dict]:
+    """``NAME[:KEY=VALUE...]``: a policy and options that override how it sizes itself to a
+    cache (values read as JSON when they parse, as strings otherwise), e.g.
+    ``topk-importance:score=key-norm:decay=0.99``."""
+    name, *pairs = text.split(":")
+    options: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"policy option {pair!r} in {text!r} is not KEY=VALUE")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return name, options
 
 
 def plan_runs(policies: Sequence[str], caches: Sequence[Cache]) -> list[Run]:
-    """Every policy at every cache size; policies without a cache size once. Unknown policy
-    names raise the registry's error (naming the allowed ones)."""
+    """Every policy (``NAME[:KEY=VALUE...]``, see :func:`parse_policy_spec`) at every cache
+    size; policies without a cache size once. Unknown names and bad options raise the
+    registry's errors (naming the allowed values) before anything runs."""
     runs = []
-    for name in policies:
+    for spec in policies:
+        name, options = parse_policy_spec(spec)
         cls = get_policy_class(name)
+        suffix = spec[len(name):]
         sized = [(c, cls.params_for_cache(c.sink_tokens, c.window_tokens)) for c in caches]
         if not sized or all(p is None for _, p in sized):
-            runs.append(Run(name, None, {}))
+            planned = [Run(name, None, dict(options), suffix)]
         else:
-            runs.extend(Run(name, c, p) for c, p in sized)
+            planned = [Run(name, c, {**p, **options}, suffix) for c, p in sized]
+        for run in planned:
+            cls.from_dict(run.params)  # validate now, not minutes later in an engine process
+        runs.extend(planned)
     return runs
 
 
