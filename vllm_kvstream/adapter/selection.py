@@ -160,7 +160,7 @@ class SelectionStore:
         content was evicted."""
         bs = self.block_size
         first, last = self.policy.freeable_block_range(req.seq_len, bs)
-        held = [req.row[i] for i in range(cdiv(req.seq_len, bs)) if not first <= i < last]
+        held = [*req.row[:first], *req.row[last : cdiv(req.seq_len, bs)]]
         held_set = set(held)
         loc = {lb: layer.location(lb, req.row) for lb in layer.selection.kept}
         used = set(loc.values())
