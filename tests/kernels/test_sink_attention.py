@@ -42,15 +42,16 @@ def make_paged(k, v, block_size, num_blocks, gen):
     return kv, kc, vc, row
 
 
-@pytest.mark.parametrize(
-    ("policy_name", "params"),
-    [
-        ("streaming-sink", {"sink_tokens": 4, "window_tokens": 20}),
-        ("streaming-sink", {"sink_tokens": 3, "window_tokens": 17}),
-        ("sliding-window", {"window_tokens": 19}),
-        ("full", None),
-    ],
-)
+#: Policies at small sizes: sinks that fill a block or not, windows of odd lengths.
+SMALL_POLICIES = [
+    ("streaming-sink", {"sink_tokens": 4, "window_tokens": 20}),
+    ("streaming-sink", {"sink_tokens": 3, "window_tokens": 17}),
+    ("sliding-window", {"window_tokens": 19}),
+    ("full", None),
+]
+
+
+@pytest.mark.parametrize(("policy_name", "params"), SMALL_POLICIES)
 @pytest.mark.parametrize(("seq_len", "n_query"), [(1, 1), (23, 23), (70, 1), (70, 9), (131, 40)])
 @pytest.mark.parametrize(("hq", "hkv", "d", "block_size"), [(4, 2, 16, 8), (3, 3, 24, 5)])
 def test_reference_matches_dense_oracle(policy_name, params, seq_len, n_query, hq, hkv, d, block_size):

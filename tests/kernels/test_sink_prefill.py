@@ -13,6 +13,8 @@ from vllm_kvstream.kernels import (
 from vllm_kvstream.kernels.sink_prefill import split_requests, tile_tokens
 from vllm_kvstream.policies import build_policy
 
+from .test_sink_attention import SMALL_POLICIES
+
 
 def test_split_requests_covers_every_query_once_with_its_own_sequence_end():
     reqs = [RequestSlice(0, 10, 50, 0), RequestSlice(10, 11, 7, 1), RequestSlice(11, 18, 7, 2)]
@@ -28,15 +30,7 @@ def test_tile_follows_window_within_bounds():
     assert tile_tokens(3) == 64 and tile_tokens(252) == 252 and tile_tokens(4092) == 512
 
 
-@pytest.mark.parametrize(
-    ("policy_name", "params"),
-    [
-        ("streaming-sink", {"sink_tokens": 4, "window_tokens": 20}),
-        ("streaming-sink", {"sink_tokens": 3, "window_tokens": 17}),
-        ("sliding-window", {"window_tokens": 19}),
-        ("full", None),
-    ],
-)
+@pytest.mark.parametrize(("policy_name", "params"), SMALL_POLICIES)
 @pytest.mark.parametrize("tile", [1, 7, 16, 1000, None])
 @pytest.mark.parametrize("rope_applied", [True, False])
 def test_tiled_equals_reference(policy_name, params, tile, rope_applied):
