@@ -13,7 +13,7 @@ from vllm_kvstream.kernels import (
 from vllm_kvstream.kernels.sink_prefill import split_requests, tile_tokens
 from vllm_kvstream.policies import build_policy
 
-from .test_sink_attention import SMALL_POLICIES
+from tests.kernels.test_sink_attention import SMALL_POLICIES
 
 
 def test_split_requests_covers_every_query_once_with_its_own_sequence_end():
