@@ -8,12 +8,18 @@ dispatcher picks them on CUDA; nothing in this package imports vLLM.
 from vllm_kvstream.kernels.rope import Rope
 from vllm_kvstream.kernels.sink_decode import DecodePlan, plan_decode, sink_window_decode, split_cpu_kv_cache
 from vllm_kvstream.kernels.sink_attention import RequestSlice, sink_window_attention_ref, write_kv_ref
-from vllm_kvstream.kernels.topk_attention import block_key_norms, selected_attention, selected_attention_ref
+from vllm_kvstream.kernels.topk_attention import (
+    block_key_norms,
+    selected_attention,
+    selected_attention_cpu,
+    selected_attention_ref,
+)
 from vllm_kvstream.kernels.sink_prefill import sink_window_attention, sink_window_attention_tiled
 
 __all__ = [
     "block_key_norms",
     "selected_attention",
+    "selected_attention_cpu",
     "selected_attention_ref",
     "DecodePlan",
     "plan_decode",

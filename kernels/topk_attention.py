@@ -79,6 +79,69 @@ def selected_attention_ref(
     return (weights.float()[:, None] * per_query).sum(dim=0)
 
 
+def selected_attention_cpu(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    logical: torch.Tensor,
+    *,
+    num_tokens: int,
+    first_pos: int,
+    scale: float,
+    rope: Rope | None,
+    out: torch.Tensor,
+    decay: float = 1.0,
+) -> torch.Tensor:
+    """:func:`selected_attention_ref`'s contract on vLLM's raw CPU cache layout
+    (``[num_blocks, kv_heads, block_size, 2 * head_size]``, keys transposed per block and head,
+    see ``sink_decode.split_cpu_kv_cache``), fast enough to decode with:
+
+    * one gather of the raw blocks, and scores against the stored transposed keys per block
+      (no copy into token-major order);
+    * the RoPE fix applied to whichever side is smaller: for a decode step the query is
+      rotated back by each block's shift (``m x heads`` vectors) instead of rotating every
+      kept key forward (``m x block_size x kv_heads``); the same distances either way;
+    * one softmax across all blocks through a shared log-sum-exp.
+    """
+    n, num_heads, head_size = query.shape
+    num_blocks, kv_heads, bs, _ = kv_cache.shape
+    group = num_heads // kv_heads
+    m = logical.numel()
+    logical = logical.to(torch.long)
+    raw = kv_cache.view(num_blocks, kv_heads, 2, head_size * bs).index_select(0, blocks.to(torch.long))
+    keys_t = raw[:, :, 0].reshape(m, kv_heads, head_size, bs).float()  # [m, Hkv, D, bs]
+    values = raw[:, :, 1].reshape(m, kv_heads, bs, head_size).float()  # [m, Hkv, bs, D]
+    q = query.float().view(n, kv_heads, group, head_size).permute(1, 2, 0, 3).reshape(kv_heads, group * n, head_size)
+    q = q.unsqueeze(0)  # [1, Hkv, G * n, D]
+    shift = evicted_after(logical) * bs
+    if rope is not None and bool((shift > 0).any()):
+        if n * num_heads <= bs * kv_heads:
+            flat = q.reshape(1, kv_heads * group * n, head_size).expand(m, -1, -1)
+            q = rope.rotate(flat, -shift).view(m, kv_heads, group * n, head_size)
+        else:
+            tokens = keys_t.permute(0, 3, 1, 2).reshape(m * bs, kv_heads, head_size)
+            tokens = rope.rotate(tokens, shift.repeat_interleave(bs))
+            keys_t = tokens.view(m, bs, kv_heads, head_size).permute(0, 2, 3, 1)
+    s = torch.matmul(q, keys_t).mul_(scale).view(m, kv_heads, group, n, bs)
+    # Only blocks reaching past the first query hold hidden slots (later tokens, or the stale
+    # tail of the last block): mask those few blocks in place, not the whole score tensor.
+    j0 = int(torch.searchsorted(logical, first_pos // bs))
+    pos = logical[j0:, None] * bs + torch.arange(bs)[None, :]  # [m - j0, bs]
+    pos_q = torch.arange(first_pos, first_pos + n)
+    hidden = (pos[None] > pos_q[:, None, None]) | (pos[None] >= num_tokens)  # [n, m - j0, bs]
+    s[j0:].masked_fill_(hidden.permute(1, 0, 2)[:, None, None], float("-inf"))
+    lse = torch.logsumexp(s.permute(1, 2, 3, 0, 4).reshape(kv_heads, group, n, m * bs), dim=-1)
+    p = torch.exp(s - lse[None, ..., None])  # [m, Hkv, G, n, bs]
+    tail = num_tokens - int(logical[-1]) * bs
+    if tail < bs:  # the stale tail of the last block (gathered copy): zero it, 0 x NaN is NaN
+        values[-1, :, tail:] = 0.0
+    o = torch.matmul(p.view(m, kv_heads, group * n, bs), values).sum(dim=0)  # [Hkv, G * n, D]
+    out.copy_(o.view(kv_heads, group, n, head_size).permute(2, 0, 1, 3).reshape(n, num_heads, head_size).to(out.dtype))
+    per_query = p.sum(dim=(1, 2, 4))  # [m, n]
+    weights = (decay ** torch.arange(n - 1, -1, -1, dtype=torch.float64)).float()
+    return per_query @ weights
+
+
 def block_key_norms(key_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
     """Mean L2 norm of the keys of each block (all heads, all ``block_size`` tokens): the
     static ``key-norm`` score is its negative. RoPE keeps norms, so cached keys do."""
@@ -87,5 +150,6 @@ def block_key_norms(key_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tens
 
 
 def selected_attention(*args, **kwargs) -> torch.Tensor:
-    """Dispatcher: the torch reference everywhere until a Triton kernel is registered for CUDA."""
-    return selected_attention_ref(*args, **kwargs)
+    """Dispatcher over vLLM's CPU cache layout: :func:`selected_attention_cpu` until a Triton
+    kernel is registered for CUDA."""
+    return selected_attention_cpu(*args, **kwargs)

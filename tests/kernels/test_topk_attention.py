@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from vllm_kvstream.kernels import Rope, block_key_norms, selected_attention_ref, write_kv_ref
+from vllm_kvstream.kernels import (
+    Rope,
+    block_key_norms,
+    selected_attention_cpu,
+    selected_attention_ref,
+    split_cpu_kv_cache,
+    write_kv_ref,
+)
 from vllm_kvstream.kernels.topk_attention import evicted_after
 
 
@@ -71,6 +78,36 @@ def test_matches_dense_oracle(kept, num_tokens, n_query, hq, hkv, d, bs, decay):
     torch.testing.assert_close(mass.double(), expected_mass, atol=3e-5, rtol=3e-5)
     # Every query's mass sums to the number of query heads.
     assert math.isclose(float(mass.sum()), hq * sum(decay**i for i in range(n_query)), rel_tol=1e-5)
+
+
+@pytest.mark.parametrize("n_query", [1, 3, 16, 40])
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("decay", [1.0, 0.8])
+def test_cpu_layout_path_matches_reference(n_query, dtype, tol, decay):
+    """The fast path on vLLM's raw CPU layout (queries or keys rotated, whichever is smaller)
+    against the reference on split views of the same cache; freed blocks and the stale tail
+    of the last block hold NaN."""
+    gen = torch.Generator().manual_seed(n_query)
+    hq, hkv, d, bs = 6, 2, 16, 8
+    kv = torch.full((40, hkv, bs, 2 * d), float("nan"), dtype=dtype)
+    kc, vc = split_cpu_kv_cache(kv)
+    kept = [0, 4, 5, 11, 12, 13]
+    num_tokens = 13 * bs + 5
+    phys = torch.randperm(39, generator=gen)[: len(kept)]
+    for b, p in zip(kept, phys):
+        t = torch.arange(b * bs, min(num_tokens, (b + 1) * bs))
+        k = torch.randn(len(t), hkv, d, generator=gen)
+        v = torch.randn(len(t), hkv, d, generator=gen)
+        write_kv_ref(k, v, kc, vc, p * bs + t % bs)
+    q = torch.randn(n_query, hq, d, generator=gen).to(dtype)
+    kw = dict(num_tokens=num_tokens, first_pos=num_tokens - n_query, scale=0.25,
+              rope=Rope.from_base(d, 10000.0, 64), decay=decay)
+    out_ref, out_cpu = torch.empty_like(q), torch.empty_like(q)
+    mass_ref = selected_attention_ref(q, kc, vc, phys, torch.tensor(kept), out=out_ref, **kw)
+    mass_cpu = selected_attention_cpu(q, kv, phys, torch.tensor(kept), out=out_cpu, **kw)
+    assert not torch.isnan(out_cpu).any()
+    torch.testing.assert_close(out_cpu.float(), out_ref.float(), atol=tol, rtol=tol)
+    torch.testing.assert_close(mass_cpu, mass_ref, atol=1e-4, rtol=1e-4)
 
 
 def test_evicted_after_and_key_norms():

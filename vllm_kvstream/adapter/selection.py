@@ -109,7 +109,7 @@ class SelectionStore:
         out: torch.Tensor,
     ) -> None:
         """Attention for every request of the step in one layer, then that layer's block copies."""
-        key_cache, value_cache = split_cpu_kv_cache(kv_cache)
+        key_cache, _ = split_cpu_kv_cache(kv_cache)
         for req, state in step:
             layer = state.layers.get(layer_name)
             if layer is None:
@@ -119,12 +119,12 @@ class SelectionStore:
                     f"vllm-kvstream: {self.policy.name} selection of layer {layer_name} holds "
                     f"{layer.selection.num_tokens} tokens but the step starts at {req.first_pos}"
                 )
-            self._attend(layer, req, query, key_cache, value_cache, scale=scale, rope=rope, out=out)
+            self._attend(layer, req, query, kv_cache, key_cache, scale=scale, rope=rope, out=out)
             self._score_complete(layer, req, key_cache, req.seq_len)
             layer.selection.evict(req.seq_len)
             self._relocate(layer, req, kv_cache)
 
-    def _attend(self, layer, req, query, key_cache, value_cache, *, scale, rope, out) -> None:
+    def _attend(self, layer, req, query, kv_cache, key_cache, *, scale, rope, out) -> None:
         sel, bs = layer.selection, self.block_size
         decay = self.policy.config.decay
         a = req.first_pos
@@ -138,7 +138,7 @@ class SelectionStore:
             lo = req.q_start + (a - req.first_pos)
             hi = lo + (b - a)
             mass = selected_attention(
-                query[lo:hi], key_cache, value_cache, phys, torch.tensor(kept),
+                query[lo:hi], kv_cache, phys, torch.tensor(kept),
                 num_tokens=b, first_pos=a, scale=scale, rope=rope, decay=decay, out=out[lo:hi],
             )
             if self.policy.config.score == "attention":
