@@ -82,7 +82,8 @@ def test_serve_streams_and_stops_cleanly(tiny_model):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--kv-policy", "nope"], "invalid choice: 'nope' (choose from 'full', 'sliding-window', 'streaming-sink')"),
+        (["--kv-policy", "nope"], "invalid choice: 'nope' (choose from 'full', 'sliding-window', 'streaming-sink', "
+                                  "'topk-importance')"),
         (["--kv-policy", "streaming-sink", "--kv-policy-config", '{"sink_tokens": 0}'], "sink_tokens=0"),
         (["--kv-policy", "streaming-sink", "--kv-policy-config", "{oops"], "must be a JSON object"),
         (["--kv-policy", "streaming-sink", "--kv-policy-config", '{"window_tokens": 8}'],
