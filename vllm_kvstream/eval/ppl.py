@@ -173,19 +173,25 @@ def write_outputs(
     for label, s in summary.items():
         lines.append(f"| {label} | {s['tokens']} | {s['ppl']:.3f} | {s['ppl_tail']:.3f} | {s['ppl_head']:.3f} |")
     (out_dir / "ppl_summary.md").write_text("\n".join(lines) + "\n")
-    _plot(out_dir / "ppl.png", results, segment=segment, trained_context=trained_context, title=title)
+    plot_segments(
+        out_dir / "ppl.png", {label: segments(lps, segment) for label, lps in results.items()},
+        segment=segment, trained_context=trained_context, title=title,
+    )
     return summary
 
 
-def _plot(path: Path, results: dict[str, list[float]], *, segment: int, trained_context: int | None, title: str) -> None:
+def plot_segments(
+    path: Path, runs: dict[str, list[tuple[int, int, float]]], *, segment: int, trained_context: int | None, title: str
+) -> None:
+    """Log-perplexity per segment against position, one line per run (``runs``: label ->
+    ``(start, end, perplexity)`` segments, as ``ppl_segments.csv`` holds them)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 5))
-    for label, lps in results.items():
-        segs = segments(lps, segment)
+    for label, segs in runs.items():
         ax.plot([(lo + hi) / 2 for lo, hi, _ in segs], [math.log(p) for _, _, p in segs], label=label, linewidth=1.2)
     if trained_context:
         ax.axvline(trained_context, color="grey", linestyle="--", linewidth=0.8)
