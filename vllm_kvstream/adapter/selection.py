@@ -23,7 +23,9 @@ The path, argued:
 * **Identity.** A request is recognised by the physical id of its first block, which the
   sink rule never frees and prefix caching (off for these policies, see ``engine_args``)
   cannot share. A step starting at position 0 (a new request, or one preempted and
-  recomputed) starts a fresh selection.
+  recomputed) starts a fresh selection. A finished request's selection stays until its first
+  block starts another request, so the store never holds more selections than the pool has
+  blocks (a few KB each: block indices and scores per layer).
 * **Decisions at block boundaries.** Prefill chunks run in tiles that end at block
   boundaries; the selection is brought back to budget before each tile, so a long prompt is
   compressed as it streams in, and chunk size does not change which blocks are kept.
