@@ -5,14 +5,13 @@ import pytest
 from vllm_kvstream.errors import KVStreamConfigError
 
 
-def _args(**kw):
+def test_topk_turns_prefix_caching_off_and_refuses_it_forced(tiny_model):
     from vllm.engine.arg_utils import EngineArgs
 
-    return EngineArgs(model="unused", **kw)
-
-
-def test_topk_turns_prefix_caching_off_and_refuses_it_forced():
     from vllm_kvstream.adapter.engine_args import prepare_engine_args
+
+    def _args(**kw):
+        return EngineArgs(model=tiny_model, **kw)
 
     cfg = {"kv_policy": "topk-importance", "kv_policy_config": {"budget_tokens": 512}}
     args = _args(additional_config=dict(cfg))
