@@ -150,11 +150,12 @@ def write_outputs(
     """Write the CSVs, the Markdown summary and the plot; return the summary."""
     out_dir.mkdir(parents=True, exist_ok=True)
     summary: dict[str, dict[str, float]] = {}
+    segs = {label: segments(lps, segment) for label, lps in results.items()}
     with (out_dir / "ppl_segments.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["run", "start", "end", "ppl", "log_ppl"])
         for label, lps in results.items():
-            for lo, hi, ppl in segments(lps, segment):
+            for lo, hi, ppl in segs[label]:
                 w.writerow([label, lo, hi, f"{ppl:.4f}", f"{math.log(ppl):.5f}"])
             summary[label] = {
                 "tokens": len(lps) + 1,
@@ -173,10 +174,7 @@ def write_outputs(
     for label, s in summary.items():
         lines.append(f"| {label} | {s['tokens']} | {s['ppl']:.3f} | {s['ppl_tail']:.3f} | {s['ppl_head']:.3f} |")
     (out_dir / "ppl_summary.md").write_text("\n".join(lines) + "\n")
-    plot_segments(
-        out_dir / "ppl.png", {label: segments(lps, segment) for label, lps in results.items()},
-        segment=segment, trained_context=trained_context, title=title,
-    )
+    plot_segments(out_dir / "ppl.png", segs, segment=segment, trained_context=trained_context, title=title)
     return summary
 
 

@@ -120,13 +120,18 @@ class KVPolicy(ABC):
             return (range(win_lo, end),)
         return (range(0, sink_hi), range(win_lo, end))
 
+    def memory_pattern(self, block_size: int) -> AttentionPattern:
+        """The sink + window whose blocks the scheduler holds (freeing and sizing follow it):
+        :attr:`pattern`, unless a policy's memory is shaped by the block size."""
+        return self.pattern
+
     def freeable_block_range(self, num_processed_tokens: int, block_size: int) -> tuple[int, int]:
         """Blocks ``[first, last)`` that no query at position >= ``num_processed_tokens`` needs.
 
         A block is freeable when every token in it lies after the sink tokens' blocks and
         before the window of the earliest future query.
         """
-        pat = self.pattern
+        pat = self.memory_pattern(block_size)
         if pat.window_tokens is None:
             return (0, 0)
         first = cdiv(pat.sink_tokens, block_size)
@@ -138,7 +143,7 @@ class KVPolicy(ABC):
         """Most blocks one request holds while ``max_query_tokens`` of its tokens are being
         computed at once (a prefill chunk; 1 during decode), never more than ``max_len`` needs."""
         full = cdiv(max_len, block_size)
-        pat = self.pattern
+        pat = self.memory_pattern(block_size)
         if pat.window_tokens is None:
             return full
         window_blocks = cdiv(pat.window_tokens - 1 + max_query_tokens, block_size) + 1

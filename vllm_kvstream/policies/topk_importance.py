@@ -96,20 +96,10 @@ class TopKImportancePolicy(KVPolicy):
         return self.config.budget_tokens - self.sink_blocks(block_size) * block_size
 
     def memory_pattern(self, block_size: int) -> AttentionPattern:
+        """Whole sink blocks plus the window: the base class frees and sizes by it."""
         return AttentionPattern(
             sink_tokens=self.sink_blocks(block_size) * block_size, window_tokens=self.window_tokens(block_size)
         )
-
-    def freeable_block_range(self, num_processed_tokens: int, block_size: int) -> tuple[int, int]:
-        pat = self.memory_pattern(block_size)
-        first = pat.sink_tokens // block_size
-        last = max(0, num_processed_tokens - pat.window_tokens + 1) // block_size
-        return (first, max(first, last))
-
-    def max_blocks_per_request(self, block_size: int, max_query_tokens: int, max_len: int) -> int:
-        pat = self.memory_pattern(block_size)
-        window_blocks = cdiv(pat.window_tokens - 1 + max_query_tokens, block_size) + 1
-        return min(cdiv(max_len, block_size), pat.sink_tokens // block_size + window_blocks)
 
     def held_blocks(self, num_processed_tokens: int, block_size: int) -> int:
         """Blocks the scheduler leaves a request once ``num_processed_tokens`` are cached
