@@ -13,6 +13,9 @@ from vllm_kvstream.kernels.topk_attention import (
     selected_attention,
     selected_attention_cpu,
     selected_attention_ref,
+    selected_decode_cpu,
+    plan_selected_decode,
+    SelectedDecodePlan,
 )
 from vllm_kvstream.kernels.sink_prefill import sink_window_attention, sink_window_attention_tiled
 
@@ -21,6 +24,9 @@ __all__ = [
     "selected_attention",
     "selected_attention_cpu",
     "selected_attention_ref",
+    "selected_decode_cpu",
+    "plan_selected_decode",
+    "SelectedDecodePlan",
     "DecodePlan",
     "plan_decode",
     "sink_window_decode",

@@ -46,6 +46,11 @@ class Rope:
     def rotate(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Rotate ``x`` of shape ``[N, heads, head_size]`` (float32) at ``positions`` ``[N]``."""
         cos, sin = self.cos_sin(positions)
+        return self.apply(x, cos, sin)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` ``[N, heads, head_size]`` by angles given as ``cos, sin`` ``[N, rotary_dim // 2]``
+        (from :meth:`cos_sin`, computed once where several calls share them)."""
         cos = cos.unsqueeze(-2)
         sin = sin.unsqueeze(-2)
         rd = self.rotary_dim

@@ -21,6 +21,8 @@ The mass of block ``k`` is ``sum_i w_i sum_heads sum_{t in block k} softmax_i(t)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from vllm_kvstream.kernels.rope import Rope
@@ -140,6 +142,89 @@ def selected_attention_cpu(
     per_query = p.sum(dim=(1, 2, 4))  # [m, n]
     weights = (decay ** torch.arange(n - 1, -1, -1, dtype=torch.float64)).float()
     return per_query @ weights
+
+
+@dataclass(frozen=True, eq=False)
+class SelectedDecodePlan:
+    """What a steady decode step shares across layers (built by :func:`plan_selected_decode`):
+    every layer keeps as many blocks as the others and its last kept block is the query's own,
+    so only the physical blocks and their shifts differ per layer."""
+
+    rows: torch.Tensor  # [B] long: query rows in the packed batch
+    counts: torch.Tensor  # [B] long: kept blocks
+    hidden: torch.Tensor  # [B, M, 1, 1, bs] bool: padding, and slots of the last block after the query
+
+
+def plan_selected_decode(rows: torch.Tensor, counts: torch.Tensor, tails: torch.Tensor, *, width: int,
+                         block_size: int) -> SelectedDecodePlan:
+    """``counts`` [B]: kept blocks per request; ``tails`` [B]: cached tokens in its last kept
+    block, the query's own included (``1..block_size``); ``width``: padded row width M."""
+    counts = counts.to(torch.long)
+    tails = tails.to(torch.long)
+    idx = torch.arange(width)[None, :]
+    last = counts - 1
+    slot = torch.arange(block_size)[None, None, :]
+    visible = (idx < last[:, None])[:, :, None] | ((idx == last[:, None])[:, :, None] & (slot < tails[:, None, None]))
+    return SelectedDecodePlan(rows.to(torch.long), counts, ~visible[:, :, None, None, :])
+
+
+def selected_decode_cpu(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    plan: SelectedDecodePlan,
+    blocks: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    scale: float,
+    rope: Rope | None,
+    out: torch.Tensor,
+    shift_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One decode query for each of B requests, each over its own selection, in one batch of
+    ops (the per-request :func:`selected_attention_cpu` pays ~20 small ops per request and layer).
+
+    ``blocks`` [B, M]: the physical blocks of each request's kept logical blocks in ascending
+    order, padded on the right with a block the request holds (the adapter repeats its first
+    kept block); ``shift`` [B, M]: ``bs x`` blocks evicted between each kept block and the last
+    (:func:`evicted_after`), 0 on padding. Padding and the slots of the last block after the
+    query score ``-inf`` (``masked_fill``: whatever the keys hold). Their values get weight 0,
+    so, as in :func:`~vllm_kvstream.kernels.sink_decode.sink_window_decode`, they must be
+    finite: they are slots of blocks the request holds, which vLLM zero-fills and only the
+    model writes. The general path, :func:`selected_attention_cpu`, zeroes them instead.
+
+    ``shift_cos_sin``: ``rope.cos_sin(-shift)`` as ``[B, M, rotary_dim // 2]`` each, when the
+    caller keeps them across steps (the shifts change only when the selection does).
+
+    Writes rows ``plan.rows`` of ``out``; returns the mass [B, M] (float32, 0 on padding): what
+    :func:`selected_attention_cpu` returns for ``n = 1``, request by request.
+    """
+    num_blocks, kv_heads, bs, two_d = kv_cache.shape
+    head_size = two_d // 2
+    num_heads = query.shape[1]
+    group = num_heads // kv_heads
+    batch, m = blocks.shape
+    raw = kv_cache.index_select(0, blocks.reshape(-1).to(torch.long)).float()
+    raw = raw.view(batch, m, kv_heads, 2, head_size * bs)
+    keys_t = raw[:, :, :, 0].view(batch, m, kv_heads, head_size, bs)
+    values = raw[:, :, :, 1].view(batch, m, kv_heads, bs, head_size)
+    q = query.index_select(0, plan.rows).float()  # [B, Hq, D]
+    if rope is not None and bool((shift > 0).any()):
+        # Rotate the query back by each block's shift: <R(-s) q, k> = <q, R(s) k>.
+        flat = q[:, None].expand(batch, m, num_heads, head_size).reshape(batch * m, num_heads, head_size)
+        if shift_cos_sin is None:
+            q = rope.rotate(flat, -shift.reshape(-1).to(torch.long))
+        else:
+            cos, sin = shift_cos_sin
+            q = rope.apply(flat, cos.reshape(batch * m, -1), sin.reshape(batch * m, -1))
+        q = q.view(batch, m, kv_heads, group, head_size)
+    else:
+        q = q.view(batch, 1, kv_heads, group, head_size)
+    s = torch.matmul(q, keys_t).mul_(scale).masked_fill_(plan.hidden, float("-inf"))  # [B, M, Hkv, G, bs]
+    s = s.sub_(s.amax(dim=(1, 4), keepdim=True)).exp_()
+    s = s.div_(s.sum(dim=(1, 4), keepdim=True))
+    o = torch.matmul(s, values).sum(dim=1)  # [B, Hkv, G, D]
+    out.index_copy_(0, plan.rows, o.reshape(batch, num_heads, head_size).to(out.dtype))
+    return s.sum(dim=(2, 3, 4))
 
 
 def block_key_norms(key_cache: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,12 @@
 """The worker-side selection store against a cache where nothing is ever freed: with the
 scheduler freeing blocks by the policy's rule and handing them straight to another request
-(which overwrites them with NaN), the store's block copies must keep every output identical to
+(which overwrites them with large random data), the store's block copies must keep every output identical to
 reading the never-freed blocks directly."""
 
 import math
 import random
 
+import pytest
 import torch
 
 from vllm_kvstream.adapter.selection import SelectionStore, SelectRequest
@@ -39,13 +40,13 @@ class Scheduler:
         return row
 
 
-def _stream(reuse: bool, score: str, seed: int = 0):
-    policy = build_policy("topk-importance", {"budget_tokens": 48, "sink_tokens": 3, "recent_tokens": 12, "score": score})
+def _stream(reuse: bool, score: str, seed: int = 0, batch_decode: bool = True, decay: float = 1.0):
+    policy = build_policy("topk-importance", {"budget_tokens": 48, "sink_tokens": 3, "recent_tokens": 12, "score": score, "decay": decay})
     kv = torch.zeros(200, HKV, BS, 2 * D)
     kc, vc = split_cpu_kv_cache(kv)
     rope = Rope.from_base(D, 10000.0, 4096)
     sched = Scheduler(policy, 200, reuse)
-    store = SelectionStore(policy, BS)
+    store = SelectionStore(policy, BS, batch_decode=batch_decode)
     if not reuse:
         store._relocate = lambda *a, **k: None  # nothing is freed: read every block where it was written
     rng = random.Random(seed)
@@ -54,8 +55,10 @@ def _stream(reuse: bool, score: str, seed: int = 0):
     computed = {r: 0 for r in lengths}
     outs = []
 
-    def poison(block):
-        kv[block] = float("nan")
+    junk = torch.Generator().manual_seed(seed + 1)
+
+    def poison(block):  # another request's data: finite, far off any real key or value
+        kv[block] = 1e3 * torch.randn(kv[block].shape, generator=junk)
 
     while any(computed[r] < lengths[r] for r in lengths):
         reqs, qs, ks, vs, slots = [], [], [], [], []
@@ -63,7 +66,7 @@ def _stream(reuse: bool, score: str, seed: int = 0):
         for rid in lengths:
             if computed[rid] >= lengths[rid]:
                 continue
-            n = min(lengths[rid] - computed[rid], rng.choice([1, 1, 3, 8, 21]))
+            n = min(lengths[rid] - computed[rid], rng.choice([1, 1, 1, 1, 1, 3, 8, 21]))
             row = sched.step(rid, computed[rid], n, poison)
             pos = torch.arange(computed[rid], computed[rid] + n)
             k = rope.rotate(torch.randn(n, HKV, D, generator=gen), pos)
@@ -94,3 +97,21 @@ def test_block_copies_keep_outputs_identical_when_freed_blocks_are_reused():
         # The scheduler side stayed within budget / block + 1 per request after each decode.
         for rid, row in sched.rows.items():
             assert len(row) - (sched.freed_upto[rid] - 1) <= 48 // BS + 1 + 21 // BS + 1
+
+
+@pytest.mark.parametrize(("score", "decay"), [("attention", 1.0), ("attention", 0.9), ("key-norm", 1.0)])
+def test_batched_steady_decode_equals_general_path(score, decay):
+    """Steady decode steps of all requests run as one batch; outputs, kept blocks and scores
+    equal the general per-request path's."""
+    reference, ref_store, _ = _stream(reuse=True, score=score, decay=decay, batch_decode=False)
+    got, store, _ = _stream(reuse=True, score=score, decay=decay, batch_decode=True)
+    torch.testing.assert_close(got, reference, atol=2e-6, rtol=2e-6)
+    assert store.steady_steps > 0  # the batch path did run
+    assert ref_store.steady_steps == 0
+    for key, state in store.requests.items():
+        ref = ref_store.requests[key].layers["layer0"].selection
+        sel = state.layers["layer0"].selection
+        assert sel.kept == ref.kept and sel.num_tokens == ref.num_tokens
+        assert sel.scores.keys() == ref.scores.keys()
+        for b in sel.scores:
+            assert math.isclose(sel.scores[b], ref.scores[b], rel_tol=1e-5, abs_tol=1e-6)

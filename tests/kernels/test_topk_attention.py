@@ -116,3 +116,57 @@ def test_evicted_after_and_key_norms():
     kc[1, :, :, 0] = 3.0
     kc[2, 0, :, 1] = 4.0
     assert block_key_norms(kc, torch.tensor([2, 1])).tolist() == [2.0, 3.0]
+
+
+@pytest.mark.parametrize(("hq", "hkv", "d", "bs"), [(4, 2, 16, 4), (3, 3, 24, 8), (6, 2, 8, 5)])
+@pytest.mark.parametrize("use_rope", [True, False])
+def test_batched_decode_matches_reference_per_request(hq, hkv, d, bs, use_rope):
+    """B requests with different selections (gaps, no gaps, one block, a full last block),
+    shuffled physical blocks, NaN in every block no request keeps, finite garbage in the
+    unwritten tails of kept blocks (what a reused block holds): one batched call equals the
+    reference run request by request."""
+    from vllm_kvstream.kernels import plan_selected_decode, selected_decode_cpu
+
+    gen = torch.Generator().manual_seed(hq * 100 + bs)
+    rope = Rope.from_base(d, 10000.0, 512) if use_rope else None
+    cases = [  # (kept logical blocks, cached tokens incl. the query)
+        ([0, 3, 4, 9, 10, 11], 11 * bs + 2),
+        ([0, 1, 2], 2 * bs + 1),
+        ([0], 3),
+        ([0, 2, 5, 6], 7 * bs),  # the query fills its block
+        ([0, 1, 7, 8, 9, 12], 12 * bs + bs - 1),
+    ]
+    kv = torch.full((80, hkv, bs, 2 * d), float("nan"))
+    kc, vc = split_cpu_kv_cache(kv)
+    free = torch.randperm(79, generator=gen).tolist()
+    total = len(cases) + 3
+    query = torch.randn(total, hq, d, generator=gen)
+    rows = [2, 0, 5, 7, 4]  # scattered query rows; the rest belong to other requests
+    expected = torch.full_like(query, 7.0)
+    out = expected.clone()
+    phys_all, shifts, counts, tails, masses = [], [], [], [], []
+    for (kept, L), row in zip(cases, rows):
+        phys = torch.tensor([free.pop() for _ in kept])
+        kv[phys] = 1e3 * torch.randn(len(kept), hkv, bs, 2 * d, generator=gen)  # stale, finite
+        for j, b in enumerate(kept):
+            t = torch.arange(b * bs, min(L, (b + 1) * bs))
+            write_kv_ref(torch.randn(len(t), hkv, d, generator=gen), torch.randn(len(t), hkv, d, generator=gen),
+                         kc, vc, phys[j] * bs + t % bs)
+        mass = selected_attention_ref(
+            query[row : row + 1], kc, vc, phys, torch.tensor(kept), num_tokens=L, first_pos=L - 1,
+            scale=0.3, rope=rope, out=expected[row : row + 1],
+        )
+        phys_all.append(phys)
+        shifts.append(evicted_after(torch.tensor(kept)) * bs)
+        counts.append(len(kept))
+        tails.append(L - kept[-1] * bs)
+        masses.append(mass)
+    width = max(counts)
+    blocks = torch.stack([torch.cat((p, p[:1].expand(width - len(p)))) for p in phys_all])  # pad: own first block
+    shift = torch.nn.utils.rnn.pad_sequence(shifts, batch_first=True)
+    plan = plan_selected_decode(torch.tensor(rows), torch.tensor(counts), torch.tensor(tails), width=width, block_size=bs)
+    got_mass = selected_decode_cpu(query, kv, plan, blocks, shift, scale=0.3, rope=rope, out=out)
+    torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)  # untouched rows stay 7.0
+    for i, mass in enumerate(masses):
+        torch.testing.assert_close(got_mass[i, : counts[i]], mass, atol=2e-5, rtol=2e-5)
+        assert not got_mass[i, counts[i] :].any()

@@ -39,7 +39,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from vllm_kvstream.kernels import Rope, block_key_norms, selected_attention, split_cpu_kv_cache
+from vllm_kvstream.kernels import (
+    Rope,
+    block_key_norms,
+    selected_attention,
+    plan_selected_decode,
+    selected_decode_cpu,
+    split_cpu_kv_cache,
+)
+from vllm_kvstream.kernels.topk_attention import evicted_after
 from vllm_kvstream.policies import BlockSelection, TopKImportancePolicy
 from vllm_kvstream.policies.base import cdiv
 
@@ -65,24 +73,61 @@ class LayerSelection:
     selection: BlockSelection
     #: Contents living outside their own block: logical block -> physical block.
     moved: dict[int, int] = field(default_factory=dict)
+    #: Steady decode: physical blocks, shifts and the query's back-rotation for
+    #: ``selection.kept``; dropped whenever the slow path runs (it may change the kept set or
+    #: move contents).
+    plan: tuple | None = None
 
     def location(self, logical: int, row: tuple[int, ...]) -> int:
         return self.moved.get(logical, row[logical])
+
+    def decode_plan(self, row: tuple[int, ...], block_size: int, rope: Rope | None) -> tuple:
+        if self.plan is None:
+            kept = self.selection.kept
+            phys = torch.tensor([self.location(lb, row) for lb in kept])
+            shift = evicted_after(torch.tensor(kept)) * block_size
+            cs = rope.cos_sin(-shift) if rope is not None else None
+            self.plan = (phys, shift, cs)
+        return self.plan
 
 
 @dataclass
 class RequestSelection:
     layers: dict[str, LayerSelection] = field(default_factory=dict)
+    #: This step is a steady decode step (set by :meth:`SelectionStore.begin_step`).
+    steady: bool = False
 
 
 class SelectionStore:
     """The selections of every live request in this worker, for one KV-cache group."""
 
-    def __init__(self, policy: TopKImportancePolicy, block_size: int) -> None:
+    def __init__(self, policy: TopKImportancePolicy, block_size: int, *, batch_decode: bool = True) -> None:
         self.policy = policy
         self.block_size = block_size
         self.requests: dict[int, RequestSelection] = {}
         self.block_copies = 0
+        #: Run steady decode steps of all requests as one batch (:meth:`_decode_steady`);
+        #: False runs every request through the general path (the tests' oracle).
+        self.batch_decode = batch_decode
+        #: Request-layers run by the batched steady path (tests check it is taken).
+        self.steady_steps = 0
+        self._plan_key: tuple | None = None
+        self._plan = None
+
+    def _is_steady(self, req: SelectRequest) -> bool:
+        """A decode step at ``a = seq_len - 1`` after which nothing but scores changes: no block
+        starts or fills, the scheduler holds and frees the same blocks at ``a`` and ``a + 1``.
+        Then the layer's selection, settled at ``a`` by the previous step, needs no eviction,
+        scoring or copy, and only attention and the mass remain."""
+        if not self.batch_decode or req.q_end - req.q_start != 1:
+            return False
+        a, bs, policy = req.first_pos, self.block_size, self.policy
+        return (
+            a % bs != 0
+            and (a + 1) % bs != 0
+            and policy.held_blocks(a, bs) == policy.held_blocks(a + 1, bs)
+            and policy.freeable_block_range(a, bs) == policy.freeable_block_range(a + 1, bs)
+        )
 
     def begin_step(self, requests: list[SelectRequest]) -> list[tuple[SelectRequest, RequestSelection]]:
         """Bind this step's requests to their selections (a request at position 0 starts anew)."""
@@ -96,7 +141,9 @@ class SelectionStore:
                         f"position {req.first_pos} without a selection; this worker never saw its start"
                     )
                 self.requests[key] = RequestSelection()
-            bound.append((req, self.requests[key]))
+            state = self.requests[key]
+            state.steady = self._is_steady(req)
+            bound.append((req, state))
         return bound
 
     def run(
@@ -112,6 +159,7 @@ class SelectionStore:
     ) -> None:
         """Attention for every request of the step in one layer, then that layer's block copies."""
         key_cache, _ = split_cpu_kv_cache(kv_cache)
+        steady = []
         for req, state in step:
             layer = state.layers.get(layer_name)
             if layer is None:
@@ -121,10 +169,59 @@ class SelectionStore:
                     f"vllm-kvstream: {self.policy.name} selection of layer {layer_name} holds "
                     f"{layer.selection.num_tokens} tokens but the step starts at {req.first_pos}"
                 )
+            if state.steady:
+                steady.append((req, layer))
+                continue
+            layer.plan = None
             self._attend(layer, req, query, kv_cache, key_cache, scale=scale, rope=rope, out=out)
             self._score_complete(layer, req, key_cache, req.seq_len)
             layer.selection.evict(req.seq_len)
             self._relocate(layer, req, kv_cache)
+        if steady:
+            self._decode_steady(steady, query, kv_cache, scale=scale, rope=rope, out=out)
+
+    def _decode_steady(self, steady, query, kv_cache, *, scale, rope, out) -> None:
+        """Steady decode steps (:meth:`_is_steady`) of every request at once: one batched
+        attention over each request's kept blocks, then the mass into each selection."""
+        bs = self.block_size
+        self.steady_steps += len(steady)
+        phys, shifts, angles = [], [], []
+        for req, layer in steady:
+            p, sh, cs = layer.decode_plan(req.row, bs, rope)
+            phys.append(p)
+            shifts.append(sh)
+            angles.append(cs)
+        counts = tuple(len(p) for p in phys)
+        tails = tuple(req.seq_len - layer.selection.kept[-1] * bs for req, layer in steady)
+        rows = tuple(req.q_start for req, _ in steady)
+        width = max(counts)
+        key = (rows, counts, tails)
+        if self._plan_key != key:  # once per step: every layer keeps as many blocks
+            self._plan_key = key
+            self._plan = plan_selected_decode(
+                torch.tensor(rows), torch.tensor(counts), torch.tensor(tails), width=width, block_size=bs
+            )
+        cos_sin = None
+        if len(phys) == 1:
+            blocks, shift = phys[0][None], shifts[0][None]
+            if rope is not None:
+                cos_sin = (angles[0][0][None], angles[0][1][None])
+        elif min(counts) == width:
+            blocks, shift = torch.stack(phys), torch.stack(shifts)
+            if rope is not None:
+                cos_sin = (torch.stack([c for c, _ in angles]), torch.stack([s for _, s in angles]))
+        else:  # pad with each request's first kept block (held, so finite), shift 0
+            blocks = torch.stack([torch.cat((p, p[:1].expand(width - len(p)))) for p in phys])
+            shift = torch.stack([torch.cat((sh, sh.new_zeros(width - len(sh)))) for sh in shifts])
+        mass = selected_decode_cpu(
+            query, kv_cache, self._plan, blocks, shift, scale=scale, rope=rope, out=out, shift_cos_sin=cos_sin
+        )
+        masses = mass.tolist() if self.policy.config.score == "attention" else None
+        for i, (req, layer) in enumerate(steady):
+            sel = layer.selection
+            if masses is not None:
+                sel.add_mass(dict(zip(sel.kept, masses[i])), queries=1)
+            sel.extend(req.seq_len)
 
     def _attend(self, layer, req, query, kv_cache, key_cache, *, scale, rope, out) -> None:
         sel, bs = layer.selection, self.block_size
