@@ -2,9 +2,18 @@
 
 Each op has a naive float32 torch reference (importable; the oracle for tests and the path
 the plugin runs on CPU) and a dispatcher. Triton kernels join the references here and the
-dispatcher picks them on CUDA; nothing in this package imports vLLM.
+dispatcher picks them on CUDA; nothing in this package imports vLLM, and Triton is imported
+only when a Triton kernel first runs.
 """
 
+from vllm_kvstream.kernels.kv_quant import (
+    QuantLayout,
+    QuantStats,
+    quant_decode_attention_ref,
+    quant_read_ref,
+    quant_write_ref,
+)
+from vllm_kvstream.kernels.kv_quant_triton import quant_decode_attention, quant_store
 from vllm_kvstream.kernels.rope import Rope
 from vllm_kvstream.kernels.sink_decode import DecodePlan, plan_decode, sink_window_decode, split_cpu_kv_cache
 from vllm_kvstream.kernels.sink_attention import RequestSlice, sink_window_attention_ref, write_kv_ref
@@ -20,6 +29,13 @@ from vllm_kvstream.kernels.topk_attention import (
 from vllm_kvstream.kernels.sink_prefill import sink_window_attention, sink_window_attention_tiled
 
 __all__ = [
+    "QuantLayout",
+    "QuantStats",
+    "quant_decode_attention",
+    "quant_decode_attention_ref",
+    "quant_read_ref",
+    "quant_store",
+    "quant_write_ref",
     "block_key_norms",
     "selected_attention",
     "selected_attention_cpu",

@@ -1,0 +1,239 @@
+"""The Triton JIT functions of ``kv_quant_triton`` (imported on first use, so that
+``TRITON_INTERPRET`` set by a test before that takes effect: Triton reads it when a function
+is decorated)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _load_f16(base, idx, mask):
+    return tl.load(base.to(tl.pointer_type(tl.float16)) + idx, mask=mask, other=0.0).to(tl.float32)
+
+@triton.jit
+def _chan(i, NEOX: tl.constexpr, HALF: tl.constexpr):
+    if NEOX:
+        return i, i + HALF
+    else:
+        return 2 * i, 2 * i + 1
+
+@triton.jit
+def _encode(x, absmax, QMAX: tl.constexpr):
+    scale = tl.where(absmax > 0, absmax / QMAX, 1.0)
+    q = tl.floor(x / scale + 0.5)
+    q = tl.minimum(tl.maximum(q, -QMAX), QMAX)
+    return (q + QMAX + 1).to(tl.int32)
+
+@triton.jit
+def _load_main(page, rows, rmask, i, CODES_OFF: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr):
+    """Main codes of ``rows`` as two halves of signed integers (float32)."""
+    if BITS == 8:
+        base = page + CODES_OFF + rows[:, None] * (2 * HALF) + i[None, :]
+        c1 = tl.load(base, mask=rmask[:, None], other=128).to(tl.float32) - 128.0
+        c2 = tl.load(base + HALF, mask=rmask[:, None], other=128).to(tl.float32) - 128.0
+    else:
+        byte = tl.load(page + CODES_OFF + rows[:, None] * HALF + i[None, :], mask=rmask[:, None], other=0x88)
+        byte = byte.to(tl.int32)
+        c1 = (byte & 0xF).to(tl.float32) - 8.0
+        c2 = (byte >> 4).to(tl.float32) - 8.0
+    return c1, c2
+
+@triton.jit
+def store_kernel(
+    key_ptr, value_ptr, pos_ptr, cache_ptr, ema_ptr,
+    wblock_ptr, wt0_ptr, wn_ptr, woff_ptr,
+    stride_kn, stride_kh, stride_vn, stride_vh,
+    H: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr,
+    BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr,
+    K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr,
+    K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
+    OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr,
+):
+    QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+    ZERO: tl.constexpr = QMAX + 1
+    D: tl.constexpr = 2 * HALF
+    CODE_BYTES: tl.constexpr = D * BITS // 8
+    w = tl.program_id(0)
+    h = tl.program_id(1)
+    blk = tl.load(wblock_ptr + w).to(tl.int64)
+    t0 = tl.load(wt0_ptr + w).to(tl.int64)
+    n = tl.load(wn_ptr + w)
+    off0 = tl.load(woff_ptr + w)
+    page = cache_ptr + (blk * H + h) * HEAD_BYTES
+    i = tl.arange(0, HALF)
+    ch1, ch2 = _chan(i, NEOX, HALF)
+    s = tl.arange(0, BT)  # slot in the block
+    new = (s >= off0) & (s < off0 + n)
+    tok = t0 + (s - off0)
+    pos = tl.load(pos_ptr + tok, mask=new, other=0)
+    sink = new & (pos < S)
+    nonsink = new & (pos >= S)
+    kbase = key_ptr + tok[:, None] * stride_kn + h * stride_kh
+    k1 = tl.load(kbase + ch1[None, :], mask=new[:, None], other=0.0).to(tl.float32)
+    k2 = tl.load(kbase + ch2[None, :], mask=new[:, None], other=0.0).to(tl.float32)
+    a1 = tl.max(tl.where(nonsink[:, None], tl.abs(k1), 0.0), axis=0)
+    a2 = tl.max(tl.where(nonsink[:, None], tl.abs(k2), 0.0), axis=0)
+    start = off0 == 0
+    f16 = page.to(tl.pointer_type(tl.float16))
+    hasold = (i * 0 + off0) > 0  # [HALF]: the block was started by an earlier write
+    old1 = tl.load(f16 + K_SCALE_OFF // 2 + ch1, mask=hasold, other=0.0).to(tl.float32)
+    old2 = tl.load(f16 + K_SCALE_OFF // 2 + ch2, mask=hasold, other=0.0).to(tl.float32)
+    e1 = tl.load(ema_ptr + h * D + ch1)
+    e2 = tl.load(ema_ptr + h * D + ch2)
+    abs1 = tl.maximum(tl.where(start, e1, old1), a1).to(tl.float16).to(tl.float32)
+    abs2 = tl.maximum(tl.where(start, e2, old2), a2).to(tl.float16).to(tl.float32)
+    grown = tl.max((abs1 > old1).to(tl.int32), axis=0) + tl.max((abs2 > old2).to(tl.int32), axis=0)
+    # Earlier tokens of a block whose scale grew: decode with the old scale, re-encode below.
+    prev = (s < off0) & ((s * 0 + grown) > 0)
+    p1, p2 = _load_main(page, s, prev, i, K_CODES_OFF, BITS, HALF)
+    p1 = p1 * (old1[None, :] / QMAX)
+    p2 = p2 * (old2[None, :] / QMAX)
+    for o in tl.static_range(NOUT):
+        cho = tl.load(page + OUT_IDX_OFF + o).to(tl.int32)
+        old_o = tl.sum(tl.where(ch1 == cho, old1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, old2, 0.0), axis=0)
+        co = tl.load(page + OUT_K_OFF + s * NOUT + o, mask=prev, other=128).to(tl.float32) - 128.0
+        vo = co * (old_o / 127.0)
+        p1 += tl.where(ch1[None, :] == cho, vo[:, None], 0.0)
+        p2 += tl.where(ch2[None, :] == cho, vo[:, None], 0.0)
+    k1 = tl.where(prev[:, None], p1, k1)
+    k2 = tl.where(prev[:, None], p2, k2)
+    tl.debug_barrier()
+    enc = new | prev
+    m1 = tl.where(sink[:, None], ZERO, _encode(k1, abs1[None, :], QMAX))
+    m2 = tl.where(sink[:, None], ZERO, _encode(k2, abs2[None, :], QMAX))
+    # Outlier channels: this block's top-NOUT channel scales (chosen when it starts).
+    w1 = abs1
+    w2 = abs2
+    for o in tl.static_range(NOUT):
+        j1 = tl.argmax(w1, axis=0)
+        j2 = tl.argmax(w2, axis=0)
+        b1 = tl.max(w1, axis=0)
+        b2 = tl.max(w2, axis=0)
+        if NEOX:
+            cand1 = j1
+            cand2 = j2 + HALF
+        else:
+            cand1 = 2 * j1
+            cand2 = 2 * j2 + 1
+        top = tl.where(b1 >= b2, cand1, cand2)
+        loaded = tl.load(page + OUT_IDX_OFF + o).to(tl.int32)  # stale when the block starts: unused then
+        cho = tl.where(start, top, loaded)
+        w1 = tl.where(ch1 == cho, -1.0, w1)
+        w2 = tl.where(ch2 == cho, -1.0, w2)
+        if off0 == 0:
+            tl.store(page + OUT_IDX_OFF + o, cho.to(tl.uint8))
+        abs_o = tl.sum(tl.where(ch1 == cho, abs1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, abs2, 0.0), axis=0)
+        col = tl.sum(tl.where(ch1[None, :] == cho, k1, 0.0), axis=1) + tl.sum(tl.where(ch2[None, :] == cho, k2, 0.0), axis=1)
+        oc = tl.where(sink, 128, _encode(col, abs_o, 127))
+        tl.store(page + OUT_K_OFF + s * NOUT + o, oc.to(tl.uint8), mask=enc)
+        m1 = tl.where(ch1[None, :] == cho, ZERO, m1)
+        m2 = tl.where(ch2[None, :] == cho, ZERO, m2)
+    if BITS == 8:
+        base = page + K_CODES_OFF + s[:, None] * CODE_BYTES + i[None, :]
+        tl.store(base, m1.to(tl.uint8), mask=enc[:, None])
+        tl.store(base + HALF, m2.to(tl.uint8), mask=enc[:, None])
+    else:
+        tl.store(page + K_CODES_OFF + s[:, None] * CODE_BYTES + i[None, :], (m1 | (m2 << 4)).to(tl.uint8), mask=enc[:, None])
+    tl.store(f16 + K_SCALE_OFF // 2 + ch1, abs1.to(tl.float16))
+    tl.store(f16 + K_SCALE_OFF // 2 + ch2, abs2.to(tl.float16))
+    # Values: per token.
+    vbase = value_ptr + tok[:, None] * stride_vn + h * stride_vh
+    v1 = tl.load(vbase + ch1[None, :], mask=new[:, None], other=0.0).to(tl.float32)
+    v2 = tl.load(vbase + ch2[None, :], mask=new[:, None], other=0.0).to(tl.float32)
+    vabs = tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)).to(tl.float16).to(tl.float32)
+    tl.store(f16 + V_SCALE_OFF // 2 + s, vabs.to(tl.float16), mask=new)
+    n1 = _encode(v1, vabs[:, None], QMAX)
+    n2 = _encode(v2, vabs[:, None], QMAX)
+    if BITS == 8:
+        base = page + V_CODES_OFF + s[:, None] * CODE_BYTES + i[None, :]
+        tl.store(base, n1.to(tl.uint8), mask=new[:, None])
+        tl.store(base + HALF, n2.to(tl.uint8), mask=new[:, None])
+    else:
+        tl.store(page + V_CODES_OFF + s[:, None] * CODE_BYTES + i[None, :], (n1 | (n2 << 4)).to(tl.uint8), mask=new[:, None])
+    # Sink keys: 8 bits per token; a starting block clears the slots no sink fills.
+    if S > 0:
+        sabs = tl.maximum(tl.max(tl.abs(k1), axis=1), tl.max(tl.abs(k2), axis=1)).to(tl.float16).to(tl.float32)
+        sabs = tl.where(sink, sabs, 0.0)
+        area = (s < S) & (sink | ((s * 0 + off0) == 0))
+        tl.store(f16 + SINK_SCALE_OFF // 2 + s, sabs.to(tl.float16), mask=area)
+        q1 = tl.where(sink[:, None], _encode(k1, sabs[:, None], 127), 128)
+        q2 = tl.where(sink[:, None], _encode(k2, sabs[:, None], 127), 128)
+        sbase = page + SINK_K_OFF + s[:, None] * D
+        tl.store(sbase + ch1[None, :], q1.to(tl.uint8), mask=area[:, None])
+        tl.store(sbase + ch2[None, :], q2.to(tl.uint8), mask=area[:, None])
+
+@triton.jit
+def decode_kernel(
+    q_ptr, cache_ptr, blocks_ptr, starts_ptr, ends_ptr, ranks_ptr, cos_ptr, sin_ptr, out_ptr,
+    M, scale,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr,
+    BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr, ROPE: tl.constexpr,
+    K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr,
+    K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
+    OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr,
+):
+    QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+    D: tl.constexpr = 2 * HALF
+    r = tl.program_id(0)
+    h = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    ch1, ch2 = _chan(i, NEOX, HALF)
+    g = tl.arange(0, GP)
+    gm = g < G
+    qrow = q_ptr + (r * H * G + h * G + g)[:, None] * D
+    q1 = tl.load(qrow + ch1[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * scale
+    q2 = tl.load(qrow + ch2[None, :], mask=gm[:, None], other=0.0).to(tl.float32) * scale
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc1 = tl.zeros((GP, HALF), tl.float32)
+    acc2 = tl.zeros((GP, HALF), tl.float32)
+    s = tl.arange(0, BT)
+    for j in range(M):
+        a = tl.load(starts_ptr + r * M + j)
+        e = tl.load(ends_ptr + r * M + j)
+        if e > a:
+            blk = tl.load(blocks_ptr + r * M + j).to(tl.int64)
+            rk = tl.load(ranks_ptr + r * M + j)
+            page = cache_ptr + (blk * H + h) * HEAD_BYTES
+            f16 = page.to(tl.pointer_type(tl.float16))
+            rows = (s >= a) & (s < e)
+            kab1 = tl.load(f16 + K_SCALE_OFF // 2 + ch1).to(tl.float32)
+            kab2 = tl.load(f16 + K_SCALE_OFF // 2 + ch2).to(tl.float32)
+            c1, c2 = _load_main(page, s, rows, i, K_CODES_OFF, BITS, HALF)
+            k1 = c1 * (kab1[None, :] / QMAX)
+            k2 = c2 * (kab2[None, :] / QMAX)
+            for o in tl.static_range(NOUT):
+                cho = tl.load(page + OUT_IDX_OFF + o).to(tl.int32)
+                abs_o = tl.sum(tl.where(ch1 == cho, kab1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, kab2, 0.0), axis=0)
+                vo = (tl.load(page + OUT_K_OFF + s * NOUT + o, mask=rows, other=128).to(tl.float32) - 128.0) * (abs_o / 127.0)
+                k1 += tl.where(ch1[None, :] == cho, vo[:, None], 0.0)
+                k2 += tl.where(ch2[None, :] == cho, vo[:, None], 0.0)
+            if S > 0:
+                srows = rows & (s < S)
+                ss = tl.load(f16 + SINK_SCALE_OFF // 2 + s, mask=srows, other=0.0).to(tl.float32) / 127.0
+                sbase = page + SINK_K_OFF + s[:, None] * D
+                k1 += (tl.load(sbase + ch1[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
+                k2 += (tl.load(sbase + ch2[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
+            if ROPE:
+                p = rk + s - a
+                cs = tl.load(cos_ptr + p[:, None] * HALF + i[None, :], mask=rows[:, None], other=1.0)
+                sn = tl.load(sin_ptr + p[:, None] * HALF + i[None, :], mask=rows[:, None], other=0.0)
+                k1, k2 = k1 * cs - k2 * sn, k2 * cs + k1 * sn
+            sc = tl.sum(q1[:, None, :] * k1[None, :, :], axis=2) + tl.sum(q2[:, None, :] * k2[None, :, :], axis=2)
+            sc = tl.where(rows[None, :], sc, float("-inf"))  # [GP, BT]
+            m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+            alpha = tl.exp(m_i - m_new)
+            pr = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(pr, axis=1)
+            vab = tl.load(f16 + V_SCALE_OFF // 2 + s, mask=rows, other=0.0).to(tl.float32) / QMAX
+            d1, d2 = _load_main(page, s, rows, i, V_CODES_OFF, BITS, HALF)
+            v1 = d1 * vab[:, None]
+            v2 = d2 * vab[:, None]
+            acc1 = acc1 * alpha[:, None] + tl.sum(pr[:, :, None] * v1[None, :, :], axis=1)
+            acc2 = acc2 * alpha[:, None] + tl.sum(pr[:, :, None] * v2[None, :, :], axis=1)
+            m_i = m_new
+    o1 = acc1 / l_i[:, None]
+    o2 = acc2 / l_i[:, None]
+    orow = out_ptr + (r * H * G + h * G + g)[:, None] * D
+    tl.store(orow + ch1[None, :], o1, mask=gm[:, None])
+    tl.store(orow + ch2[None, :], o2, mask=gm[:, None])

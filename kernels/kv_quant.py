@@ -1,0 +1,409 @@
+"""Quantized KV blocks, KVQuant-style: the page layout, online statistics, and the naive
+float32 torch reference of writing and reading them (the oracle of the Triton kernels in
+``kv_quant_triton.py``).
+
+One page holds one layer's ``block_size`` tokens of every KV head, as vLLM's pages do, and
+everything needed to read them back: codes, scales, the outlier channels and the sink keys.
+Freeing the block frees all of it. Per (block, KV head), in bytes::
+
+    k_scale   [D]        fp16  per-channel absmax of the pre-RoPE keys (fixed when the block starts)
+    v_scale   [bs]       fp16  per-token absmax of the values
+    sink_scale[S]        fp16  per-token absmax of the sink keys
+    k_codes   [bs, D*b/8]      keys, per channel: code * k_scale[c] / qmax
+    v_codes   [bs, D*b/8]      values, per token: code * v_scale[t] / qmax
+    sink_k    [S, D]     8 bit keys of tokens at positions < S (sink tokens), per token
+    out_idx   [n_out]    u8    this block's outlier channels (INT4 only)
+    out_k     [bs, n_out] 8 bit those channels' keys at 8 bits: code * k_scale[c] / 127
+    (padding to 16 bytes)
+
+Codes are unsigned with an offset (``code + 2**(b-1)``), symmetric (``-qmax..qmax``,
+``qmax = 2**(b-1) - 1``). INT4 packs the two channels RoPE rotates together into one byte
+(low nibble: channel ``i``, high nibble: its partner ``i + D/2`` for NeoX-style RoPE, ``2i+1``
+for GPT-J style, see :func:`pair_order`), so a kernel unpacks a byte into the two halves it
+rotates. The main codes of sink slots and outlier channels are the zero code: a reader adds
+the three parts (main + outlier + sink) without branching.
+
+Why this method (after KVQuant, Hooper et al. 2024, and seed 001):
+
+* **Keys per channel, before RoPE.** Key outliers sit in fixed channels; per-channel scales
+  absorb them. RoPE mixes channel pairs by position and smears those channels, so keys are
+  quantized before it: the writer rotates the model's (post-RoPE) keys back, readers rotate
+  the dequantized keys at their cache-relative positions, which streaming needs anyway.
+* **Values per token**: values have no channel structure; each token gets its own scale.
+* **Online statistics, no calibration**: each layer keeps an EMA of the per-channel key
+  absmax over non-sink tokens, updated with every write (prefill chunk or decode token). A
+  block's channel scales start, with its first token, at the EMA (already holding that
+  write) or the write's own absmax for the block, whichever is larger. A later token that
+  outgrows a channel's scale grows it, and the block's earlier tokens are re-encoded (one
+  extra rounding, rare once the EMA has settled): nothing is clipped.
+* **Outliers**: the ``n_out`` channels with the largest scale of the block keep 8-bit codes
+  (INT4 only; at INT8 every channel is 8-bit already).
+* **Sinks**: tokens at positions ``< S`` (attention sinks) keep their keys at 8 bits with a
+  per-token scale; their outsized keys would otherwise set the channel scales.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvstream.kernels.rope import Rope
+
+QUANT_BITS = (8, 4)
+
+
+def _round_up(x: int, m: int) -> int:
+    return -(-x // m) * m
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """Byte layout of one quantized page (see the module docstring)."""
+
+    bits: int
+    head_size: int
+    block_size: int
+    sink_tokens: int = 4
+    outlier_channels: int = 2
+
+    def __post_init__(self) -> None:
+        if self.bits not in QUANT_BITS:
+            raise ValueError(f"kv-quant bits={self.bits}; allowed: {QUANT_BITS}")
+        if self.head_size % 2:
+            raise ValueError(f"head_size={self.head_size} must be even for quantized KV")
+        if not 0 <= self.sink_tokens <= self.block_size:
+            raise ValueError(f"sink_tokens={self.sink_tokens}; allowed: 0..block_size ({self.block_size})")
+        if not 0 <= self.outlier_channels <= min(self.head_size, 255):
+            raise ValueError(f"outlier_channels={self.outlier_channels}; allowed: 0..{min(self.head_size, 255)}")
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1
+
+    @property
+    def n_out(self) -> int:
+        """Outlier channels per block and head (INT8 keeps none: every channel has 8 bits)."""
+        return self.outlier_channels if self.bits == 4 else 0
+
+    @property
+    def code_bytes(self) -> int:
+        """Bytes of one token's codes (keys or values) for one head."""
+        return self.head_size * self.bits // 8
+
+    # Offsets, per (block, head), in bytes; fp16 sections first so they stay 2-aligned.
+    @property
+    def k_scale_off(self) -> int:
+        return 0
+
+    @property
+    def v_scale_off(self) -> int:
+        return 2 * self.head_size
+
+    @property
+    def sink_scale_off(self) -> int:
+        return self.v_scale_off + 2 * self.block_size
+
+    @property
+    def k_codes_off(self) -> int:
+        return self.sink_scale_off + 2 * self.sink_tokens
+
+    @property
+    def v_codes_off(self) -> int:
+        return self.k_codes_off + self.block_size * self.code_bytes
+
+    @property
+    def sink_k_off(self) -> int:
+        return self.v_codes_off + self.block_size * self.code_bytes
+
+    @property
+    def out_idx_off(self) -> int:
+        return self.sink_k_off + self.sink_tokens * self.head_size
+
+    @property
+    def out_k_off(self) -> int:
+        return self.out_idx_off + self.n_out
+
+    @property
+    def head_bytes(self) -> int:
+        """Bytes per (block, head), padded to 16."""
+        return _round_up(self.out_k_off + self.block_size * self.n_out, 16)
+
+    def page_bytes(self, num_kv_heads: int) -> int:
+        return self.head_bytes * num_kv_heads
+
+    def ratio_to(self, dtype_bytes: int) -> float:
+        """How many more tokens fit than in an unquantized page of ``dtype_bytes`` per element."""
+        return 2 * self.block_size * self.head_size * dtype_bytes / self.head_bytes
+
+    def cache_shape(self, num_blocks: int, num_kv_heads: int) -> tuple[int, int, int]:
+        return (num_blocks, num_kv_heads, self.head_bytes)
+
+
+def pair_order(head_size: int, is_neox_style: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two channel sets RoPE rotates together: ``(first, second)`` of ``head_size // 2``
+    each. INT4 packs ``first[i]`` into the low nibble of byte ``i`` and ``second[i]`` into its
+    high nibble; INT8 stores ``first`` then ``second`` (the bytes a kernel loads as halves)."""
+    half = head_size // 2
+    if is_neox_style:
+        return torch.arange(half), torch.arange(half, head_size)
+    return torch.arange(0, head_size, 2), torch.arange(1, head_size, 2)
+
+
+@dataclass
+class QuantStats:
+    """One layer's online key statistics: EMA of the per-channel absmax, ``[kv_heads, D]``
+    float32 (zero until the first write). Shared by every request the worker serves: channel
+    magnitudes are a property of the layer (KVQuant calibrates them per layer offline); each
+    block stores the scale it used, so reads never depend on it."""
+
+    ema_absmax: torch.Tensor
+    decay: float = 0.99
+    #: Fraction of (head, channel) pairs whose EMA exceeds ``outlier_ratio`` x the head's median.
+    outlier_ratio: float = 6.0
+
+    @classmethod
+    def empty(cls, num_kv_heads: int, head_size: int, decay: float = 0.99, device=None) -> QuantStats:
+        return cls(torch.zeros(num_kv_heads, head_size, dtype=torch.float32, device=device), decay)
+
+    def update(self, absmax: torch.Tensor) -> None:
+        """Fold one write's per-channel absmax ``[kv_heads, D]`` into the EMA."""
+        first = not bool(self.ema_absmax.any())
+        if first:
+            self.ema_absmax.copy_(absmax)
+        else:
+            self.ema_absmax.mul_(self.decay).add_(absmax, alpha=1.0 - self.decay)
+
+    def outlier_rate(self) -> float:
+        med = self.ema_absmax.median(dim=-1, keepdim=True).values
+        return float((self.ema_absmax > self.outlier_ratio * med).float().mean())
+
+
+# --- page views (torch) --------------------------------------------------------------------
+
+
+class PageView:
+    """Typed views of one layer's quantized cache ``[num_blocks, kv_heads, head_bytes]`` uint8."""
+
+    def __init__(self, cache: torch.Tensor, layout: QuantLayout) -> None:
+        if cache.dtype != torch.uint8 or cache.shape[-1] != layout.head_bytes:
+            raise ValueError(
+                f"quantized cache must be uint8 [..., {layout.head_bytes}], got {cache.dtype} {tuple(cache.shape)}"
+            )
+        L, D, bs, S = layout, layout.head_size, layout.block_size, layout.sink_tokens
+        nb, h = cache.shape[0], cache.shape[1]
+        self.layout = layout
+
+        def u8(off: int, *shape: int) -> torch.Tensor:
+            n = math.prod(shape)
+            return cache[:, :, off : off + n].view(nb, h, *shape)
+
+        def f16(off: int, n: int) -> torch.Tensor:
+            return cache[:, :, off : off + 2 * n].view(torch.float16)
+
+        self.k_scale = f16(L.k_scale_off, D)
+        self.v_scale = f16(L.v_scale_off, bs)
+        self.sink_scale = f16(L.sink_scale_off, S)
+        self.k_codes = u8(L.k_codes_off, bs, L.code_bytes)
+        self.v_codes = u8(L.v_codes_off, bs, L.code_bytes)
+        self.sink_k = u8(L.sink_k_off, S, D)
+        self.out_idx = u8(L.out_idx_off, L.n_out)
+        self.out_k = u8(L.out_k_off, bs, L.n_out)
+
+
+def _encode(x: torch.Tensor, absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Signed symmetric codes with offset ``qmax + 1``, as uint8 (one code per byte)."""
+    scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+    q = torch.clamp(torch.floor(x / scale + 0.5), -qmax, qmax)  # round half up, as the kernels do
+    return (q + qmax + 1).to(torch.uint8)
+
+
+def _decode(codes: torch.Tensor, absmax: torch.Tensor, qmax: int) -> torch.Tensor:
+    return (codes.float() - (qmax + 1)) * (absmax.float() / qmax)
+
+
+def pack_codes(codes: torch.Tensor, layout: QuantLayout, is_neox_style: bool) -> torch.Tensor:
+    """``[..., D]`` one code per byte -> the stored ``[..., code_bytes]``."""
+    first, second = pair_order(layout.head_size, is_neox_style)
+    lo, hi = codes[..., first], codes[..., second]
+    if layout.bits == 8:
+        return torch.cat((lo, hi), dim=-1)
+    return lo | (hi << 4)
+
+
+def unpack_codes(stored: torch.Tensor, layout: QuantLayout, is_neox_style: bool) -> torch.Tensor:
+    """The stored ``[..., code_bytes]`` -> ``[..., D]`` one code per byte, in channel order."""
+    first, second = pair_order(layout.head_size, is_neox_style)
+    if layout.bits == 8:
+        half = layout.head_size // 2
+        lo, hi = stored[..., :half], stored[..., half:]
+    else:
+        lo, hi = stored & 0xF, stored >> 4
+    out = torch.empty(*stored.shape[:-1], layout.head_size, dtype=torch.uint8, device=stored.device)
+    out[..., first] = lo
+    out[..., second] = hi
+    return out
+
+
+def _store_keys(view, b, off, kb, sink_b, k_absmax, L: QuantLayout, neox: bool) -> None:
+    """Encode keys ``kb`` ``[n, H, D]`` (pre-RoPE) into slots ``off`` of block ``b`` with
+    the channel absmax ``[H, D]``; sink slots get the zero code (their keys live apart)."""
+    qmax, zero = L.qmax, L.qmax + 1
+    codes = _encode(kb, k_absmax[None], qmax)  # [n, H, D]
+    codes[sink_b] = zero
+    if L.n_out:
+        idx = view.out_idx[b].long()  # [H, n_out]
+        gidx = idx[None].expand(len(off), -1, -1)
+        codes.scatter_(2, gidx, zero)
+        out_codes = _encode(torch.gather(kb, 2, gidx), torch.gather(k_absmax, 1, idx)[None], 127)
+        out_codes[sink_b] = 128
+        view.out_k[b, :, off] = out_codes.permute(1, 0, 2)
+    view.k_codes[b, :, off] = pack_codes(codes, L, neox).permute(1, 0, 2)
+
+
+def _read_main_keys(view, b, L: QuantLayout, neox: bool) -> torch.Tensor:
+    """Block ``b``'s keys from its main and outlier codes (no sinks): ``[H, bs, D]``."""
+    k_abs = view.k_scale[b].float()  # [H, D]
+    k = _decode(unpack_codes(view.k_codes[b], L, neox), k_abs[:, None, :], L.qmax)
+    if L.n_out:
+        idx = view.out_idx[b].long()
+        vals = _decode(view.out_k[b], torch.gather(k_abs, 1, idx)[:, None, :], 127)  # [H, bs, n_out]
+        k.scatter_add_(2, idx[:, None, :].expand(-1, L.block_size, -1), vals)
+    return k
+
+
+def quant_write_ref(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    stats: QuantStats,
+    layout: QuantLayout,
+    *,
+    rope: Rope | None,
+    is_neox_style: bool | None = None,
+) -> None:
+    """Quantize and store ``N`` tokens (naive float32 reference).
+
+    ``key`` ``[N, kv_heads, D]`` as the model hands it to attention (after RoPE at
+    ``positions``, when ``rope`` is given: it is rotated back first); ``value`` likewise;
+    ``slots`` ``[N]`` ``block * block_size + offset``; ``positions`` ``[N]`` absolute token
+    positions (``< sink_tokens``: a sink). Within one call the tokens of one block are
+    contiguous and in order, as vLLM's slot mappings are. ``is_neox_style`` (default: the
+    rope's, NeoX without one) picks the INT4 channel pairing (:func:`pair_order`).
+    """
+    L = layout
+    bs, S, qmax = L.block_size, L.sink_tokens, L.qmax
+    view = PageView(cache, L)
+    slots = slots.to(torch.long)
+    positions = positions.to(torch.long)
+    k = key.float()
+    if rope is not None:
+        k = rope.rotate(k, -positions)  # back to pre-RoPE
+    v = value.float()
+    is_sink = positions < S
+    if bool((~is_sink).any()):
+        stats.update(k[~is_sink].abs().amax(dim=0))
+    blocks, offsets = slots // bs, slots % bs
+    neox = is_neox_style if is_neox_style is not None else (rope.is_neox_style if rope is not None else True)
+    for b in torch.unique(blocks).tolist():
+        sel = blocks == b
+        off = offsets[sel]
+        kb, vb, sink_b = k[sel], v[sel], is_sink[sel]
+        first = int(off.min())
+        new_abs = kb[~sink_b].abs().amax(dim=0) if bool((~sink_b).any()) else torch.zeros_like(stats.ema_absmax)
+        if first == 0:  # the block starts here: scales from the EMA, extras cleared
+            absmax = torch.maximum(stats.ema_absmax, new_abs).half().float()
+            view.sink_k[b] = 128  # the zero code at 8 bits
+            view.sink_scale[b] = 0.0
+            if L.n_out:
+                view.out_idx[b] = torch.topk(absmax, L.n_out, dim=-1).indices.to(torch.uint8)
+        else:
+            old = view.k_scale[b].float()
+            absmax = torch.maximum(old, new_abs).half().float()
+            if bool((absmax > old).any()):
+                # A channel outgrew its block scale: re-encode the block's earlier tokens with
+                # the grown scale instead of clipping the new one.
+                prev = torch.arange(first)
+                k_prev = _read_main_keys(view, b, L, neox)[:, :first].transpose(0, 1)  # [first, H, D]
+                _store_keys(view, b, prev, k_prev, torch.zeros(first, dtype=torch.bool), absmax, L, neox)
+        view.k_scale[b] = absmax.half()
+        _store_keys(view, b, off, kb, sink_b, absmax, L, neox)
+        # Values: per token.
+        v_abs = vb.abs().amax(dim=-1)  # [n, H]
+        view.v_scale[b, :, off] = v_abs.half().t()
+        view.v_codes[b, :, off] = pack_codes(_encode(vb, v_abs.half().float()[..., None], qmax), L, neox).permute(1, 0, 2)
+        # Sinks: 8 bits per token.
+        if bool(sink_b.any()):
+            s_off = off[sink_b]
+            s_abs = kb[sink_b].abs().amax(dim=-1)  # [s, H]
+            view.sink_scale[b, :, s_off] = s_abs.half().t()
+            view.sink_k[b, :, s_off] = _encode(kb[sink_b], s_abs.half().float()[..., None], 127).permute(1, 0, 2)
+
+
+def quant_read_ref(
+    cache: torch.Tensor, blocks: torch.Tensor, layout: QuantLayout, *, is_neox_style: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dequantize whole blocks: ``(keys before RoPE, values)``, each ``[m, kv_heads, bs, D]``
+    float32 (naive reference: main codes + outlier channels + sink keys)."""
+    L = layout
+    view = PageView(cache, L)
+    blocks = blocks.to(torch.long)
+    k_abs = view.k_scale[blocks].float()  # [m, H, D]
+    k = _decode(unpack_codes(view.k_codes[blocks], L, is_neox_style), k_abs[:, :, None, :], L.qmax)
+    if L.n_out:
+        idx = view.out_idx[blocks].long()  # [m, H, n_out]
+        out_abs = torch.gather(k_abs, 2, idx)
+        vals = _decode(view.out_k[blocks], out_abs[:, :, None, :], 127)  # [m, H, bs, n_out]
+        k.scatter_add_(3, idx[:, :, None, :].expand(-1, -1, L.block_size, -1), vals)
+    if L.sink_tokens:
+        sink = _decode(view.sink_k[blocks], view.sink_scale[blocks].float()[..., None], 127)  # [m, H, S, D]
+        k[:, :, : L.sink_tokens] += sink
+    v = _decode(unpack_codes(view.v_codes[blocks], L, is_neox_style), view.v_scale[blocks].float()[..., None], L.qmax)
+    return k, v
+
+
+def quant_decode_attention_ref(
+    query: torch.Tensor,
+    cache: torch.Tensor,
+    blocks: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    ranks: torch.Tensor,
+    layout: QuantLayout,
+    *,
+    scale: float,
+    rope: Rope | None,
+) -> torch.Tensor:
+    """One query per request over quantized blocks (naive float32 reference).
+
+    ``query`` ``[B, heads, D]`` rotated at its cache position; ``blocks`` ``[B, M]`` physical
+    blocks to read; per (request, block): slots ``[starts, ends)`` are attended (``starts >=
+    ends``: skip the block; its id is never dereferenced then), and slot ``starts + i`` sits at
+    cache position ``ranks + i``, where its key is rotated. Returns ``[B, heads, D]`` float32.
+    """
+    B, num_heads, D = query.shape
+    out = torch.zeros(B, num_heads, D)
+    neox = rope.is_neox_style if rope is not None else True
+    for r in range(B):
+        ks, vs, pos = [], [], []
+        for j in range(blocks.shape[1]):
+            a, e = int(starts[r, j]), int(ends[r, j])
+            if e <= a:
+                continue
+            k, v = quant_read_ref(cache, blocks[r, j : j + 1], layout, is_neox_style=neox)
+            ks.append(k[0, :, a:e].transpose(0, 1))  # [n, H, D]
+            vs.append(v[0, :, a:e].transpose(0, 1))
+            pos.append(torch.arange(e - a) + int(ranks[r, j]))
+        k, v, pos = torch.cat(ks), torch.cat(vs), torch.cat(pos)
+        q = query[r : r + 1].float()
+        if rope is not None:
+            k = rope.rotate(k, pos)
+        kv_heads = k.shape[1]
+        group = num_heads // kv_heads
+        for h in range(num_heads):
+            s = (k[:, h // group] @ q[0, h]) * scale
+            out[r, h] = torch.softmax(s, dim=0) @ v[:, h // group]
+    return out

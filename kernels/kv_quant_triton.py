@@ -1,0 +1,129 @@
+"""Triton kernels for quantized KV pages (layout and oracle: ``kv_quant.py``).
+
+* :func:`quant_store` quantizes and stores a batch of tokens: one program per (written
+  block, KV head) owns that page slice, so growing a block's channel scales and re-encoding its
+  earlier tokens needs no atomics.
+* :func:`quant_decode_attention` runs one query per request over its quantized blocks:
+  dequantize on the fly (main codes + outlier channels + sink keys), rotate the keys at their
+  cache positions (RoPE table lookups), online softmax across blocks. Blocks with an empty
+  slot range are skipped without being dereferenced (evicted blocks in an append-only table).
+
+Both take keys/queries already in the right rotation (pre-RoPE keys for the store, the query
+at its cache position for attention): the host does those rotations with float64 angles,
+exact at any stream position; inside the kernel only cache positions (< the RoPE table) occur.
+
+Triton is imported when a kernel is first built, not at import: on CPU these run only under
+``TRITON_INTERPRET=1`` (tests), and the plugin's CPU path is the torch one.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from vllm_kvstream.kernels.kv_quant import QuantLayout, QuantStats
+from vllm_kvstream.kernels.rope import Rope
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+@functools.cache
+def _kernels():
+    from vllm_kvstream.kernels import _kv_quant_jit as jit
+
+    return jit.store_kernel, jit.decode_kernel
+
+
+def _layout_args(layout: QuantLayout) -> dict:
+    L = layout
+    return dict(
+        BITS=L.bits, S=L.sink_tokens, NOUT=L.n_out,
+        K_SCALE_OFF=L.k_scale_off, V_SCALE_OFF=L.v_scale_off, SINK_SCALE_OFF=L.sink_scale_off,
+        K_CODES_OFF=L.k_codes_off, V_CODES_OFF=L.v_codes_off, SINK_K_OFF=L.sink_k_off,
+        OUT_IDX_OFF=L.out_idx_off, OUT_K_OFF=L.out_k_off, HEAD_BYTES=L.head_bytes,
+    )
+
+
+def write_segments(slots: torch.Tensor, block_size: int) -> tuple[torch.Tensor, ...]:
+    """Split a slot mapping into per-block runs: ``(block, first token, count, first slot)``.
+    vLLM's slot mappings hold each block's tokens contiguous and in order."""
+    blocks = slots.to(torch.long) // block_size
+    change = torch.ones_like(blocks, dtype=torch.bool)
+    change[1:] = blocks[1:] != blocks[:-1]
+    t0 = torch.nonzero(change).flatten()
+    counts = torch.diff(torch.cat((t0, torch.tensor([len(slots)], device=slots.device))))
+    return blocks[t0], t0, counts.to(torch.int32), (slots[t0] % block_size).to(torch.int32)
+
+
+def quant_store(
+    key_pre: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    stats: QuantStats,
+    layout: QuantLayout,
+    *,
+    is_neox_style: bool = True,
+) -> None:
+    """Triton :func:`~vllm_kvstream.kernels.kv_quant.quant_write_ref` for keys already
+    rotated back to pre-RoPE (``key_pre``): updates ``stats``, then one program per (written
+    block, KV head)."""
+    store_kernel, _ = _kernels()
+    L = layout
+    sink = positions < L.sink_tokens
+    if bool((~sink).any()):
+        stats.update(key_pre[~sink].float().abs().amax(dim=0))
+    blocks, t0, counts, off0 = write_segments(slots, L.block_size)
+    heads = key_pre.shape[1]
+    grid = (len(blocks), heads)
+    store_kernel[grid](
+        key_pre, value, positions.to(torch.int64), cache, stats.ema_absmax,
+        blocks, t0, counts, off0,
+        key_pre.stride(0), key_pre.stride(1), value.stride(0), value.stride(1),
+        H=heads, HALF=L.head_size // 2, BT=_next_pow2(L.block_size), NEOX=is_neox_style, **_layout_args(L),
+    )
+
+
+def quant_decode_attention(
+    query: torch.Tensor,
+    cache: torch.Tensor,
+    blocks: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    ranks: torch.Tensor,
+    layout: QuantLayout,
+    *,
+    scale: float,
+    rope: Rope | None,
+) -> torch.Tensor:
+    """Triton :func:`~vllm_kvstream.kernels.kv_quant.quant_decode_attention_ref` (same
+    arguments); returns ``[B, heads, D]`` float32."""
+    _, decode_kernel = _kernels()
+    L = layout
+    B, num_heads, D = query.shape
+    kv_heads = cache.shape[1]
+    group = num_heads // kv_heads
+    M = blocks.shape[1]
+    out = torch.empty(B, num_heads, D, dtype=torch.float32, device=query.device)
+    if rope is not None:
+        if rope.rotary_dim != D:
+            raise ValueError(f"quantized decode needs full rotary (rotary_dim {rope.rotary_dim} != head_size {D})")
+        reach = int((ranks + (ends - starts).clamp_min(0)).max())
+        if reach > rope.cos_sin_cache.shape[0]:
+            raise ValueError(f"cache positions reach {reach}, past the RoPE table ({rope.cos_sin_cache.shape[0]})")
+        cos, sin = rope.cos_sin_cache.float().to(query.device).chunk(2, dim=-1)
+        cos, sin = cos.contiguous(), sin.contiguous()
+    else:
+        cos = sin = torch.zeros(1, device=query.device)
+    decode_kernel[(B, kv_heads)](
+        query.float().contiguous(), cache, blocks.to(torch.int64).contiguous(), starts.to(torch.int32).contiguous(),
+        ends.to(torch.int32).contiguous(), ranks.to(torch.int32).contiguous(), cos, sin, out,
+        M, scale,
+        H=kv_heads, G=group, GP=_next_pow2(group), HALF=D // 2, BT=_next_pow2(L.block_size),
+        NEOX=rope.is_neox_style if rope is not None else True, ROPE=rope is not None, **_layout_args(L),
+    )
+    return out

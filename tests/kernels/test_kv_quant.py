@@ -1,0 +1,229 @@
+"""Quantized KV pages: the layout, the float32 reference (error bounded as the bit width
+predicts), and the Triton kernels against it under ``TRITON_INTERPRET=1`` (conftest sets it)."""
+
+import math
+
+import pytest
+import torch
+
+from vllm_kvstream.kernels.kv_quant import (
+    PageView,
+    QuantLayout,
+    QuantStats,
+    quant_decode_attention_ref,
+    quant_read_ref,
+    quant_write_ref,
+)
+from vllm_kvstream.kernels.rope import Rope
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpret(monkeypatch):
+    """Triton has no CPU backend: the kernels run in its interpreter. Triton reads the
+    variable when a kernel is decorated, which ``kv_quant_triton`` does on first use."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def test_layout_capacity_and_sections():
+    for bits, ratio in ((8, 1.9), (4, 3.5)):
+        L = QuantLayout(bits, 64, 128)
+        assert L.ratio_to(2) >= ratio  # against bf16, metadata counted
+        ends = [
+            (L.k_scale_off, 2 * 64), (L.v_scale_off, 2 * 128), (L.sink_scale_off, 2 * 4),
+            (L.k_codes_off, 128 * L.code_bytes), (L.v_codes_off, 128 * L.code_bytes),
+            (L.sink_k_off, 4 * 64), (L.out_idx_off, L.n_out), (L.out_k_off, 128 * L.n_out),
+        ]
+        for (a, n), (b, _) in zip(ends, ends[1:]):
+            assert a + n == b  # contiguous, no overlap
+        assert ends[-1][0] + ends[-1][1] <= L.head_bytes and L.head_bytes % 16 == 0
+
+
+@pytest.mark.parametrize("bad", [{"bits": 3}, {"bits": 16}, {"head_size": 63}, {"sink_tokens": 200}])
+def test_layout_rejects_bad_values(bad):
+    args = {"bits": 4, "head_size": 64, "block_size": 128, **bad}
+    name = next(iter(bad))
+    with pytest.raises(ValueError, match=name):
+        QuantLayout(**args)
+
+
+def _stream(bits, *, D=32, H=2, bs=8, n=45, chunks=(13, 1, 1, 7, 1, 20, 1, 1, 1), seed=0, neox=True, nb=16,
+            writer=None, outlier_scale=8.0):
+    """Write ``n`` tokens in the given chunk sizes into shuffled physical blocks (the rest of
+    the cache is garbage). Returns the cache, the pre-RoPE keys, values, the block row."""
+    gen = torch.Generator().manual_seed(seed)
+    L = QuantLayout(bits, D, bs, sink_tokens=3, outlier_channels=2)
+    cache = torch.randint(0, 256, (nb, H, L.head_bytes), dtype=torch.uint8, generator=gen)
+    rope = Rope.from_base(D, 10000.0, 1024, is_neox_style=neox)
+    k_pre = torch.randn(n, H, D, generator=gen)
+    k_pre[:, :, 5] *= outlier_scale  # an outlier channel
+    k_pre[:3] *= 6.0  # sinks: outsized keys
+    v = torch.randn(n, H, D, generator=gen)
+    row = torch.randperm(nb, generator=gen)[: -(-n // bs)]
+    pos = torch.arange(n)
+    slots = row[pos // bs] * bs + pos % bs
+    k_abs = rope.rotate(k_pre, pos)  # as the model hands keys over
+    stats = QuantStats.empty(H, D)
+    t = 0
+    sizes = list(chunks)
+    while t < n:
+        c = min(sizes.pop(0) if sizes else 1, n - t)
+        sl = slice(t, t + c)
+        if writer is None:
+            quant_write_ref(k_abs[sl], v[sl], cache, slots[sl], pos[sl], stats, L, rope=rope)
+        else:
+            writer(k_pre[sl], v[sl], cache, slots[sl], pos[sl], stats, L, neox)
+        t += c
+    return L, cache, k_pre, v, row, rope
+
+
+def _tokens(x, n):  # [m, H, bs, D] -> [n, H, D]
+    return x.permute(0, 2, 1, 3).reshape(-1, x.shape[1], x.shape[3])[:n]
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_reference_error_bounded_by_bit_width(neox):
+    errs = {}
+    for bits in (8, 4):
+        L, cache, k_pre, v, row, _ = _stream(bits, neox=neox)
+        n = k_pre.shape[0]
+        k, vv = quant_read_ref(cache, row, L, is_neox_style=neox)
+        k, vv = _tokens(k, n), _tokens(vv, n)
+        view = PageView(cache, L)
+        # Keys: within one step of the block's channel scale (a grown scale re-encodes once:
+        # at most two roundings), outlier channel at 8 bits, sinks at 8 bits per token.
+        step = view.k_scale[row].float()[:, :, None, :] / L.qmax  # [m, H, 1, D]
+        step = _tokens(step.expand(-1, -1, L.block_size, -1), n)
+        out_ch = 5
+        main = torch.ones(L.head_size, dtype=torch.bool)
+        if L.n_out:
+            main[out_ch] = False
+        err = (k - k_pre).abs()
+        assert (err[3:, :, main] <= step[3:, :, main] * 1.01 + 1e-6).all()
+        assert (err[3:, :, out_ch] <= step[3:, :, out_ch] * L.qmax / 127 * 1.01 + 1e-6).all()
+        sink_step = k_pre[:3].abs().amax(dim=-1, keepdim=True) / 127
+        assert (err[:3] <= sink_step * 0.51 + 1e-3).all()
+        v_step = v.abs().amax(dim=-1, keepdim=True) / L.qmax
+        assert ((vv - v).abs() <= v_step * 0.51 + 1e-3).all()
+        errs[bits] = float((k - k_pre)[3:, :, main].norm() / k_pre[3:, :, main].norm())
+    assert errs[8] < errs[4] / 8  # 127 / 7 levels: ~18x finer
+
+
+def test_outlier_and_sink_handling_pay_off():
+    """The same stream at INT4 with outlier channels and sinks against without them."""
+    with_extras = _stream(4)
+    L, cache, k_pre, v, row, _ = with_extras
+    k, _ = quant_read_ref(cache, row, L)
+    err = float((_tokens(k, 45) - k_pre).norm() / k_pre.norm())
+    gen = torch.Generator().manual_seed(0)
+    plain = QuantLayout(4, 32, 8, sink_tokens=0, outlier_channels=0)
+    cache2 = torch.randint(0, 256, (16, 2, plain.head_bytes), dtype=torch.uint8, generator=gen)
+    pos = torch.arange(45)
+    quant_write_ref(k_pre, v, cache2, row[pos // 8] * 8 + pos % 8, pos, QuantStats.empty(2, 32), plain, rope=None)
+    k2, _ = quant_read_ref(cache2, row, plain)
+    err2 = float((_tokens(k2, 45) - k_pre).norm() / k_pre.norm())
+    assert err < err2 / 2
+
+
+def test_stats_ema_and_outlier_rate():
+    st = QuantStats.empty(1, 4, decay=0.5)
+    st.update(torch.tensor([[1.0, 1.0, 1.0, 10.0]]))
+    st.update(torch.tensor([[3.0, 1.0, 1.0, 10.0]]))
+    torch.testing.assert_close(st.ema_absmax, torch.tensor([[2.0, 1.0, 1.0, 10.0]]))
+    assert st.outlier_rate() == 0.25
+
+
+def _triton_writer(k_pre, v, cache, slots, pos, stats, L, neox):
+    from vllm_kvstream.kernels.kv_quant_triton import quant_store
+
+    quant_store(k_pre, v, cache, slots, pos, stats, L, is_neox_style=neox)
+
+
+def _ref_writer(k_pre, v, cache, slots, pos, stats, L, neox):
+    quant_write_ref(k_pre, v, cache, slots, pos, stats, L, rope=None, is_neox_style=neox)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("D", "H", "bs", "neox"), [(32, 2, 8, True), (16, 3, 5, False), (64, 1, 16, True)])
+def test_store_kernel_matches_reference(bits, D, H, bs, neox):
+    n = 3 * bs + 2
+    kw = dict(D=D, H=H, bs=bs, n=n, neox=neox, seed=bits + D)
+    L, ref, k_pre, v, row, _ = _stream(bits, writer=_ref_writer, **kw)
+    _, got, _, _, _, _ = _stream(bits, writer=_triton_writer, **kw)
+    k_ref, v_ref = quant_read_ref(ref, row, L, is_neox_style=neox)
+    k_got, v_got = quant_read_ref(got, row, L, is_neox_style=neox)
+    step = PageView(ref, L).k_scale[row].float().amax() / L.qmax
+    torch.testing.assert_close(_tokens(k_got, n), _tokens(k_ref, n), atol=float(step) * 1.01, rtol=0)
+    torch.testing.assert_close(_tokens(v_got, n), _tokens(v_ref, n), atol=float(v.abs().max()) / L.qmax, rtol=0)
+    # Scales and outlier channels agree exactly; codes differ only on rounding ties.
+    a, b = PageView(ref, L), PageView(got, L)
+    torch.testing.assert_close(a.k_scale[row], b.k_scale[row], atol=0, rtol=0)
+    if L.n_out:
+        assert torch.equal(a.out_idx[row].sort(-1).values, b.out_idx[row].sort(-1).values)
+    same = (a.k_codes[row] == b.k_codes[row]).float().mean()
+    assert same > 0.99
+
+
+def _decode_case(bits, D, H, G, bs, neox, seed):
+    L, cache, k_pre, v, row, rope = _stream(bits, D=D, H=H, bs=bs, n=6 * bs - 1, neox=neox, seed=seed, nb=24)
+    nb = cache.shape[0]
+    garbage = torch.tensor([b for b in range(nb) if b not in row.tolist()])
+    cache[garbage] = 255  # fp16 0xFFFF is NaN: a read of a skipped block would poison the output
+    gen = torch.Generator().manual_seed(seed)
+    # Three requests over the same blocks with different patterns: everything; sinks + a
+    # window starting mid-block with evicted blocks between; a selection with a gap.
+    L6 = 6 * bs - 1
+    pats = []
+    ends_all = [min(bs, L6 - j * bs) for j in range(6)]
+    pats.append([(0, e) for e in ends_all])
+    lo = 3 * bs + 2
+    pats.append([(0, 3), (0, 0), (0, 0), (2, bs), (0, bs), (0, ends_all[5])])
+    pats.append([(0, bs), (0, 0), (0, bs), (0, 0), (0, bs), (0, ends_all[5])])
+    B, M = len(pats), 6
+    blocks = torch.empty(B, M, dtype=torch.long)
+    starts = torch.zeros(B, M, dtype=torch.int32)
+    ends = torch.zeros(B, M, dtype=torch.int32)
+    ranks = torch.zeros(B, M, dtype=torch.int32)
+    q_rank = []
+    for r, pat in enumerate(pats):
+        rank = 0
+        for j, (a, e) in enumerate(pat):
+            blocks[r, j] = row[j] if e > a else int(garbage[0])
+            starts[r, j], ends[r, j], ranks[r, j] = a, e, rank
+            rank += max(0, e - a)
+        q_rank.append(rank - 1)
+    del lo
+    q_pre = torch.randn(B, H * G, D, generator=gen)
+    query = rope.rotate(q_pre, torch.tensor(q_rank))
+    return L, cache, query, blocks, starts, ends, ranks, rope
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("D", "H", "G", "bs", "neox"), [(32, 2, 3, 8, True), (16, 1, 2, 5, False), (64, 3, 1, 16, True)])
+def test_decode_kernel_matches_reference(bits, D, H, G, bs, neox):
+    from vllm_kvstream.kernels.kv_quant_triton import quant_decode_attention
+
+    L, cache, query, blocks, starts, ends, ranks, rope = _decode_case(bits, D, H, G, bs, neox, seed=D + bs)
+    scale = 1 / math.sqrt(D)
+    expected = quant_decode_attention_ref(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
+    got = quant_decode_attention(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
+    assert not torch.isnan(expected).any()
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+def test_reference_attention_close_to_unquantized():
+    """INT8 attention output stays close to float attention over the original keys."""
+    L, cache, k_pre, v, row, rope = _stream(8, D=32, H=2, bs=8, n=40, nb=16)
+    q = torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(1))
+    blocks = row[None]
+    ends = torch.tensor([[8, 8, 8, 8, 8]], dtype=torch.int32)
+    starts = torch.zeros_like(ends)
+    ranks = torch.arange(0, 40, 8, dtype=torch.int32)[None]
+    query = rope.rotate(q, torch.tensor([39]))
+    got = quant_decode_attention_ref(query, cache, blocks, starts, ends, ranks, L, scale=0.2, rope=rope)
+    k = rope.rotate(k_pre, torch.arange(40))
+    exp = torch.empty(4, 32)
+    for h in range(4):
+        p = torch.softmax((k[:, h // 2] @ query[0, h]) * 0.2, dim=0)
+        exp[h] = p @ v[:, h // 2]
+    err = float((got[0] - exp).norm() / exp.norm())
+    assert err < 0.02, err
