@@ -158,7 +158,7 @@ class SelectionStore:
         out: torch.Tensor,
     ) -> None:
         """Attention for every request of the step in one layer, then that layer's block copies."""
-        key_cache, _ = split_cpu_kv_cache(kv_cache)
+        key_cache = None  # the general path's view of the keys, made when first needed
         steady = []
         for req, state in step:
             layer = state.layers.get(layer_name)
@@ -173,6 +173,8 @@ class SelectionStore:
                 steady.append((req, layer))
                 continue
             layer.plan = None
+            if key_cache is None:
+                key_cache, _ = split_cpu_kv_cache(kv_cache)
             self._attend(layer, req, query, kv_cache, key_cache, scale=scale, rope=rope, out=out)
             self._score_complete(layer, req, key_cache, req.seq_len)
             layer.selection.evict(req.seq_len)
