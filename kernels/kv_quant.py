@@ -407,3 +407,49 @@ def quant_decode_attention_ref(
             s = (k[:, h // group] @ q[0, h]) * scale
             out[r, h] = torch.softmax(s, dim=0) @ v[:, h // group]
     return out
+
+
+def quant_decode_attention_cpu(
+    query: torch.Tensor,
+    cache: torch.Tensor,
+    blocks: torch.Tensor,
+    starts: torch.Tensor,
+    ends: torch.Tensor,
+    ranks: torch.Tensor,
+    layout: QuantLayout,
+    *,
+    scale: float,
+    rope: Rope | None,
+) -> torch.Tensor:
+    """:func:`quant_decode_attention_ref`'s contract in one batch of torch ops (the CPU path):
+    gather and dequantize every listed page at once, rotate the keys at their cache positions,
+    mask the slots outside ``[starts, ends)``, one softmax across blocks. Blocks with an empty
+    range are replaced by the request's first live block before the gather, so an evicted
+    block id is never dereferenced."""
+    B, num_heads, D = query.shape
+    M = blocks.shape[1]
+    bs = layout.block_size
+    neox = rope.is_neox_style if rope is not None else True
+    starts, ends, ranks = starts.to(torch.long), ends.to(torch.long), ranks.to(torch.long)
+    live = ends > starts
+    first_live = blocks.to(torch.long).gather(1, live.float().argmax(dim=1, keepdim=True))
+    safe = torch.where(live, blocks.to(torch.long), first_live)
+    k, v = quant_read_ref(cache, safe.reshape(-1), layout, is_neox_style=neox)  # [B*M, H, bs, D]
+    kv_heads = k.shape[1]
+    group = num_heads // kv_heads
+    slot = torch.arange(bs)
+    attended = live[..., None] & (slot >= starts[..., None]) & (slot < ends[..., None])  # [B, M, bs]
+    if rope is not None:
+        pos = (ranks[..., None] + slot - starts[..., None]).clamp_min(0)  # [B, M, bs]
+        cos, sin = rope.cos_sin(pos.reshape(-1))
+        tokens = k.view(B * M, kv_heads, bs, D).permute(0, 2, 1, 3).reshape(B * M * bs, kv_heads, D)
+        k = rope.apply(tokens, cos, sin).view(B * M, bs, kv_heads, D).permute(0, 2, 1, 3)
+    k = k.reshape(B, M, kv_heads, bs, D)
+    v = v.reshape(B, M, kv_heads, bs, D)
+    q = query.float().view(B, 1, kv_heads, group, D)
+    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [B, M, H, G, bs]
+    s.masked_fill_(~attended[:, :, None, None, :], float("-inf"))
+    s = s.sub_(s.amax(dim=(1, 4), keepdim=True)).exp_()
+    s = s.div_(s.sum(dim=(1, 4), keepdim=True))
+    o = torch.matmul(s, v).sum(dim=1)  # [B, H, G, D]
+    return o.reshape(B, num_heads, D)

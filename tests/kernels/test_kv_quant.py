@@ -227,3 +227,16 @@ def test_reference_attention_close_to_unquantized():
         exp[h] = p @ v[:, h // 2]
     err = float((got[0] - exp).norm() / exp.norm())
     assert err < 0.02, err
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("D", "H", "G", "bs", "neox"), [(32, 2, 3, 8, True), (16, 1, 2, 5, False)])
+def test_cpu_decode_path_matches_reference(bits, D, H, G, bs, neox):
+    from vllm_kvstream.kernels.kv_quant import quant_decode_attention_cpu
+
+    L, cache, query, blocks, starts, ends, ranks, rope = _decode_case(bits, D, H, G, bs, neox, seed=D + bs + 1)
+    blocks[starts >= ends] = 10_000  # evicted: an id past the cache, never dereferenced
+    scale = 1 / math.sqrt(D)
+    expected = quant_decode_attention_ref(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
+    got = quant_decode_attention_cpu(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
