@@ -1,6 +1,18 @@
-"""Fixtures shared by the test packages: the models prepared by the set-up."""
+"""Fixtures shared by the test packages: the models prepared by the set-up.
 
-import pytest
+``TRITON_INTERPRET=1`` is set here, before any test module imports anything: Triton decides
+interpreted-or-compiled when a function is decorated, and ``triton.language``'s own helpers
+(``tl.max``...) are decorated when Triton is first imported — which vLLM does early. A test
+fixture setting it later leaves those helpers compiled, and the interpreter then refuses them
+("Cannot call @triton.jit'd outside of the scope of a kernel"). No GPU test runs here, and the
+CPU engine runs no Triton kernel, so interpreting everything costs nothing else.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")

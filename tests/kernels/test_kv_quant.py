@@ -2,6 +2,7 @@
 predicts), and the Triton kernels against it under ``TRITON_INTERPRET=1`` (conftest sets it)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -18,10 +19,11 @@ from vllm_kvstream.kernels.rope import Rope
 
 
 @pytest.fixture(autouse=True)
-def _triton_interpret(monkeypatch):
-    """Triton has no CPU backend: the kernels run in its interpreter. Triton reads the
-    variable when a kernel is decorated, which ``kv_quant_triton`` does on first use."""
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _triton_interpret():
+    """Triton has no CPU backend: the kernels run in its interpreter, which must be chosen
+    before Triton is first imported (``tests/conftest.py`` sets it at collection)."""
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.fail("TRITON_INTERPRET=1 must be set before Triton is imported (tests/conftest.py)")
 
 
 def test_layout_capacity_and_sections():
