@@ -67,8 +67,13 @@ class QuantLayout:
     block_size: int
     sink_tokens: int = 4
     outlier_channels: int = 2
+    #: ``head_bytes`` is a multiple of 16 and of this (vLLM views a page as ``[heads,
+    #: block_size, head_bytes / block_size]``, so the plugin passes ``block_size``).
+    align: int = 16
 
     def __post_init__(self) -> None:
+        if self.align < 1:
+            raise ValueError(f"align={self.align} must be >= 1")
         if self.bits not in QUANT_BITS:
             raise ValueError(f"kv-quant bits={self.bits}; allowed: {QUANT_BITS}")
         if self.head_size % 2:
@@ -127,8 +132,8 @@ class QuantLayout:
 
     @property
     def head_bytes(self) -> int:
-        """Bytes per (block, head), padded to 16."""
-        return _round_up(self.out_k_off + self.block_size * self.n_out, 16)
+        """Bytes per (block, head), padded to a multiple of 16 and of ``align``."""
+        return _round_up(self.out_k_off + self.block_size * self.n_out, math.lcm(16, self.align))
 
     def page_bytes(self, num_kv_heads: int) -> int:
         return self.head_bytes * num_kv_heads

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from vllm_kvstream.kernels.kv_quant import QuantLayout, QuantStats
+from vllm_kvstream.kernels.kv_quant import QuantLayout, QuantStats, quant_write_ref
 from vllm_kvstream.kernels.rope import Rope
 
 
@@ -127,3 +127,22 @@ def quant_decode_attention(
         NEOX=rope.is_neox_style if rope is not None else True, ROPE=rope is not None, **_layout_args(L),
     )
     return out
+
+
+def quant_write(
+    key_pre: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    stats: QuantStats,
+    layout: QuantLayout,
+    *,
+    is_neox_style: bool = True,
+) -> None:
+    """Dispatcher of the store: :func:`quant_store` (Triton) on CUDA, the float32 reference
+    :func:`~vllm_kvstream.kernels.kv_quant.quant_write_ref` elsewhere (the CPU path)."""
+    if key_pre.is_cuda:
+        quant_store(key_pre, value, cache, slots, positions, stats, layout, is_neox_style=is_neox_style)
+    else:
+        quant_write_ref(key_pre, value, cache, slots, positions, stats, layout, rope=None, is_neox_style=is_neox_style)

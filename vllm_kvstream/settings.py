@@ -20,23 +20,20 @@ from typing import Any
 
 from vllm_kvstream.errors import KVStreamConfigError
 from vllm_kvstream.policies import KVPolicy, available_policies, build_policy
+from vllm_kvstream.quant import QUANT_KEY
 
 POLICY_KEY = "kv_policy"
 PARAMS_KEY = "kv_policy_config"
 
 
-def parse_params_json(text: str) -> dict[str, Any]:
-    """Parse the ``--kv-policy-config`` JSON object."""
+def parse_params_json(text: str, flag: str = "--kv-policy-config") -> dict[str, Any]:
+    """Parse the JSON object of ``--kv-policy-config`` (or ``flag``)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise KVStreamConfigError(
-            f"--kv-policy-config must be a JSON object, got {text!r} ({exc.msg})"
-        ) from None
+        raise KVStreamConfigError(f"{flag} must be a JSON object, got {text!r} ({exc.msg})") from None
     if not isinstance(value, dict):
-        raise KVStreamConfigError(
-            f"--kv-policy-config must be a JSON object like '{{\"window_tokens\": 1020}}', got {text!r}"
-        )
+        raise KVStreamConfigError(f"{flag} must be a JSON object like '{{\"sink_tokens\": 4}}', got {text!r}")
     return value
 
 
@@ -47,6 +44,8 @@ def policy_from_additional_config(additional_config: Mapping[str, Any] | None) -
         return None
     name = additional_config.get(POLICY_KEY)
     params = additional_config.get(PARAMS_KEY)
+    if name is None and additional_config.get(QUANT_KEY) is not None:
+        name = "full"  # --kv-quant alone: every token kept, each block quantized
     if name is None:
         if params is not None:
             raise KVStreamConfigError(

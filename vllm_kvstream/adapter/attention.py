@@ -26,7 +26,7 @@ and head) is the one those readers know (``amx`` packs bf16 keys into tiles inst
 How it is selected (monkeypatch, written down): on CPU the platform always answers
 ``CPU_ATTN``. :func:`route_backend` wraps the platform's ``get_attn_backend_cls`` so that,
 while the config being served names a policy, decoder attention resolves to
-:class:`KVStreamBackend`; with no policy the wrapper returns the platform's answer untouched.
+:class:`KVStreamBackend` (``quant_attention.KVStreamQuantBackend`` with ``--kv-quant``); with no policy the wrapper returns the platform's answer untouched.
 Upstream change that would remove it: a platform honouring a backend chosen per KV-cache
 spec kind by plugins (``attention_config.backend_per_kind`` exists but the CPU platform
 ignores the selected backend).
@@ -44,7 +44,7 @@ from vllm_kvstream.adapter.compat import probe
 from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_spec
 from vllm_kvstream.adapter.rope import recorded_rope
 from vllm_kvstream.adapter.selection import SelectionStore, SelectRequest
-from vllm_kvstream.adapter.state import active_policy, current_config, policy_for, remember_engine_config
+from vllm_kvstream.adapter.state import active_policy, active_quant, current_config, policy_for, remember_engine_config
 from vllm_kvstream.kernels import (
     DecodePlan,
     RequestSlice,
@@ -72,6 +72,8 @@ LAYOUT_ISAS = ("vec", "vec16")
 KVCacheLayout = probe("vllm.v1.kv_cache_interface:KVCacheLayout")
 
 BACKEND_PATH = "vllm_kvstream.adapter.attention.KVStreamBackend"
+#: ``--kv-quant``: the backend over quantized pages (``quant_attention.py``).
+QUANT_BACKEND_PATH = "vllm_kvstream.adapter.quant_attention.KVStreamQuantBackend"
 
 
 def _max_query_tokens() -> int:
@@ -323,7 +325,7 @@ def route_backend() -> None:
             and not attn_selector_config.use_mla
             and attn_selector_config.attn_type == AttentionType.DECODER
         ):
-            return BACKEND_PATH
+            return QUANT_BACKEND_PATH if active_quant() is not None else BACKEND_PATH
         return path
 
     get_attn_backend_cls.__kvstream_wrapped__ = True

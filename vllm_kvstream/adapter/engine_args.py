@@ -3,7 +3,8 @@ policy settings are validated (building the engine config).
 
 Monkeypatches, written down:
 
-* ``EngineArgs.add_cli_args`` is wrapped to add the two flags (the plugin is loaded before
+* ``EngineArgs.add_cli_args`` is wrapped to add the flags (``--kv-policy``,
+  ``--kv-policy-config``, ``--kv-quant``, ``--kv-quant-config``) (the plugin is loaded before
   ``vllm serve`` builds its parser). Removable when vLLM offers plugin CLI arguments.
 * ``EngineArgs.from_cli_args`` is wrapped to fold the flags into ``additional_config``, the
   channel vLLM already carries to every process. Bad values end the command with a one-line
@@ -27,12 +28,15 @@ import os
 from vllm_kvstream.adapter.compat import probe
 from vllm_kvstream.errors import KVStreamConfigError
 from vllm_kvstream.policies import available_policies
+from vllm_kvstream.quant import QUANT_KEY, QUANT_METHODS, QUANT_PARAMS_KEY, quant_from_additional_config
 from vllm_kvstream.settings import PARAMS_KEY, POLICY_KEY, normalized, parse_params_json, policy_from_additional_config
 
 logger = logging.getLogger(__name__)
 
 _FLAG_DEST_POLICY = "kv_policy"
 _FLAG_DEST_PARAMS = "kv_policy_config"
+_FLAG_DEST_QUANT = "kv_quant"
+_FLAG_DEST_QUANT_PARAMS = "kv_quant_config"
 
 
 def _add_flags(parser) -> None:
@@ -56,6 +60,21 @@ def _add_flags(parser) -> None:
         type=str,
         help='Policy parameters as JSON, e.g. \'{"sink_tokens": 4, "window_tokens": 1020}\'.',
     )
+    group.add_argument(
+        "--kv-quant",
+        dest=_FLAG_DEST_QUANT,
+        default=None,
+        choices=list(QUANT_METHODS),
+        help="Store KV blocks quantized (KVQuant-style, keys per channel before RoPE): "
+        f"{', '.join(QUANT_METHODS)}. Combines with any --kv-policy (default: full).",
+    )
+    group.add_argument(
+        "--kv-quant-config",
+        dest=_FLAG_DEST_QUANT_PARAMS,
+        default=None,
+        type=str,
+        help='Quantization options as JSON, e.g. \'{"sink_tokens": 4, "outlier_channels": 2, "ema_decay": 0.99}\'.',
+    )
 
 
 def fold_flags_into_additional_config(args: argparse.Namespace, additional_config: dict | None) -> dict:
@@ -67,6 +86,12 @@ def fold_flags_into_additional_config(args: argparse.Namespace, additional_confi
         merged[POLICY_KEY] = policy
     if params is not None:
         merged[PARAMS_KEY] = parse_params_json(params)
+    quant = getattr(args, _FLAG_DEST_QUANT, None)
+    quant_params = getattr(args, _FLAG_DEST_QUANT_PARAMS, None)
+    if quant is not None:
+        merged[QUANT_KEY] = quant
+    if quant_params is not None:
+        merged[QUANT_PARAMS_KEY] = parse_params_json(quant_params, flag="--kv-quant-config")
     return merged
 
 
@@ -74,6 +99,7 @@ def prepare_engine_args(engine_args) -> None:
     """Validate and normalize the policy settings on ``engine_args`` and size the engine for
     streaming. Raises :class:`KVStreamConfigError`."""
     policy = policy_from_additional_config(engine_args.additional_config)
+    quant = quant_from_additional_config(engine_args.additional_config)
     from vllm_kvstream.adapter.attention import clear_backend_cache
     from vllm_kvstream.adapter.rope import forget_recorded_ropes
     from vllm_kvstream.adapter.state import forget_engine_config
@@ -85,6 +111,13 @@ def prepare_engine_args(engine_args) -> None:
     if policy is None:
         return
     engine_args.additional_config = {**engine_args.additional_config, **normalized(policy)}
+    if quant is not None:
+        if policy.selects_blocks:
+            raise KVStreamConfigError(
+                f"--kv-quant {quant.method} is not supported with --kv-policy {policy.name!r} yet; "
+                "allowed with --kv-quant: full, sliding-window, streaming-sink"
+            )
+        engine_args.additional_config.update(quant.normalized())
     if engine_args.kv_cache_dtype not in (None, "auto"):
         raise KVStreamConfigError(
             f"--kv-cache-dtype {engine_args.kv_cache_dtype!r} is not supported with --kv-policy "
@@ -103,7 +136,7 @@ def prepare_engine_args(engine_args) -> None:
         os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         if engine_args.max_model_len is None:
             engine_args.max_model_len = policy.max_stream_tokens
-    logger.info("vllm-kvstream: KV policy %s", policy.describe())
+    logger.info("vllm-kvstream: KV policy %s%s", policy.describe(), f", KV blocks {quant.describe()}" if quant else "")
 
 
 def check_engine_config(vllm_config) -> None:
@@ -112,7 +145,13 @@ def check_engine_config(vllm_config) -> None:
         return
     hf = vllm_config.model_config.hf_text_config
     trained = getattr(hf, "max_position_embeddings", None)
-    policy.check_engine_fit(block_size=vllm_config.cache_config.block_size, trained_context=trained)
+    block_size = vllm_config.cache_config.block_size
+    policy.check_engine_fit(block_size=block_size, trained_context=trained)
+    quant = quant_from_additional_config(vllm_config.additional_config)
+    if quant is not None:
+        from vllm_kvstream.adapter.kv_manager import quant_layout
+
+        quant_layout(quant, vllm_config.model_config.get_head_size(), block_size)  # raises naming the bad value
 
 
 def _forget_cached_ropes() -> None:
@@ -144,6 +183,7 @@ def patch_engine_args() -> None:
         try:
             engine_args.additional_config = fold_flags_into_additional_config(args, engine_args.additional_config)
             policy_from_additional_config(engine_args.additional_config)
+            quant_from_additional_config(engine_args.additional_config)
         except KVStreamConfigError as exc:
             raise SystemExit(f"vllm-kvstream: error: {exc}") from None
         return engine_args

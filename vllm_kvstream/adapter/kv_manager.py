@@ -16,6 +16,11 @@ place and stops at the first null, so repeated calls are cheap). Prefix-cache hi
 trimmed the same way right after they are attached, so a long cached prefix does not pin
 its middle blocks.
 
+Quantized blocks (``--kv-quant``): the same spec carries the method; its page is the
+quantized layout (``kernels/kv_quant.py``, dtype uint8, ``state_content_bytes`` per token and
+head), so the block count vLLM derives from the KV memory, and the token capacity it logs
+and admits by, grows by the real byte ratio.
+
 Sizing: vLLM sizes start-up and admission for ``max_model_len`` tokens per request; this
 spec reports the policy's bound instead (``max_memory_usage_bytes``), and the manager caps
 admission by the same number, so a pool that holds a few windows serves a 1M-token stream.
@@ -27,8 +32,13 @@ from dataclasses import dataclass, fields
 from functools import cached_property
 from typing import Any
 
+import torch
+
 from vllm_kvstream.adapter.compat import probe
+from vllm_kvstream.errors import KVStreamConfigError
+from vllm_kvstream.kernels import QuantLayout
 from vllm_kvstream.policies import KVPolicy, build_policy
+from vllm_kvstream.quant import KVQuant, parse_quant
 
 FullAttentionSpec = probe("vllm.v1.kv_cache_interface:FullAttentionSpec")
 FullAttentionManager = probe("vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager")
@@ -43,10 +53,21 @@ class KVStreamAttentionSpec(FullAttentionSpec):
     kv_policy_params: tuple[tuple[str, Any], ...] = ()
     #: Tokens computed at once per request at most (a prefill chunk), for the block bound.
     max_query_tokens: int = 1
+    #: ``--kv-quant`` method ("" when unquantized) and its options.
+    kv_quant: str = ""
+    kv_quant_params: tuple[tuple[str, Any], ...] = ()
 
     @cached_property
     def policy(self) -> KVPolicy:
         return build_policy(self.kv_policy, dict(self.kv_policy_params))
+
+    @cached_property
+    def quant(self) -> KVQuant | None:
+        return parse_quant(self.kv_quant or None, dict(self.kv_quant_params))
+
+    @cached_property
+    def quant_layout(self) -> QuantLayout | None:
+        return quant_layout(self.quant, self.head_size, self.block_size)
 
     def max_blocks_per_request(self, max_model_len: int) -> int:
         return self.policy.max_blocks_per_request(self.block_size, self.max_query_tokens, max_model_len)
@@ -58,22 +79,50 @@ class KVStreamAttentionSpec(FullAttentionSpec):
 
     @classmethod
     def merge(cls, specs: list[KVStreamAttentionSpec]) -> KVStreamAttentionSpec:
-        extra = {(s.kv_policy, s.kv_policy_params, s.max_query_tokens) for s in specs}
+        extra = {tuple(getattr(s, name) for name in _OWN_FIELDS) for s in specs}
         if len(extra) != 1:
             raise ValueError(f"vllm-kvstream: layers of one KV cache group disagree on the policy: {extra}")
         base = FullAttentionSpec.merge(specs)
-        kv_policy, params, max_query = extra.pop()
         values = {f.name: getattr(base, f.name) for f in fields(FullAttentionSpec)}
-        return cls(**values, kv_policy=kv_policy, kv_policy_params=params, max_query_tokens=max_query)
+        return cls(**values, **dict(zip(_OWN_FIELDS, extra.pop())))
 
 
-def make_spec(spec, policy: KVPolicy, max_query_tokens: int) -> KVStreamAttentionSpec:
+_OWN_FIELDS = ("kv_policy", "kv_policy_params", "max_query_tokens", "kv_quant", "kv_quant_params")
+
+
+def quant_layout(quant: KVQuant | None, head_size: int, block_size: int) -> QuantLayout | None:
+    """The page layout of quantized blocks (``None`` unquantized). ``head_bytes`` is padded to
+    a multiple of the block size: vLLM views a page as ``[heads, block_size, bytes per token]``."""
+    if quant is None:
+        return None
+    c = quant.config
+    try:
+        return QuantLayout(
+            quant.bits, head_size, block_size,
+            sink_tokens=c.sink_tokens, outlier_channels=c.outlier_channels, align=block_size,
+        )
+    except ValueError as exc:
+        raise KVStreamConfigError(f"--kv-quant {quant.method} with block size {block_size}, head size {head_size}: {exc}") from None
+
+
+def make_spec(spec, policy: KVPolicy, max_query_tokens: int, quant: KVQuant | None = None) -> KVStreamAttentionSpec:
+    """The plugin's spec for a layer. Quantized: the page is the quantized layout (uint8),
+    ``state_content_bytes`` = the layout's bytes per token per head, so vLLM's page size, and
+    with it the number of blocks a KV budget buys, is the real one, metadata counted."""
     values = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
+    extra: dict[str, Any] = {}
+    if quant is not None:
+        layout = quant_layout(quant, spec.head_size, spec.block_size)
+        values["dtype"] = torch.uint8
+        values["state_content_bytes"] = layout.head_bytes // spec.block_size
+        values["page_size_padded"] = None
+        extra = {"kv_quant": quant.method, "kv_quant_params": tuple(sorted(quant.config.model_dump().items()))}
     return KVStreamAttentionSpec(
         **values,
         kv_policy=policy.name,
         kv_policy_params=tuple(sorted(policy.config.model_dump().items())),
         max_query_tokens=max_query_tokens,
+        **extra,
     )
 
 

@@ -5,19 +5,31 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_kvstream.policies import KVPolicy
+from vllm_kvstream.quant import KVQuant, quant_from_additional_config
 from vllm_kvstream.settings import policy_from_additional_config
 
-_cache: dict[str, Any] = {"key": None, "policy": None}
+_cache: dict[str, Any] = {"key": None, "policy": None, "quant": None}
 
 
 def policy_for(additional_config: dict[str, Any] | None) -> KVPolicy | None:
     """Policy described by ``additional_config`` (already validated by the config process;
     parsed again here, cached by value)."""
+    _parse(additional_config)
+    return _cache["policy"]
+
+
+def quant_for(additional_config: dict[str, Any] | None) -> KVQuant | None:
+    """``--kv-quant`` setting described by ``additional_config`` (cached like the policy)."""
+    _parse(additional_config)
+    return _cache["quant"]
+
+
+def _parse(additional_config: dict[str, Any] | None) -> None:
     key = repr(sorted((additional_config or {}).items()))
     if _cache["key"] != key:
         _cache["policy"] = policy_from_additional_config(additional_config)
+        _cache["quant"] = quant_from_additional_config(additional_config)
         _cache["key"] = key
-    return _cache["policy"]
 
 
 #: The engine config this worker process built its model under. vLLM calls some hooks
@@ -46,3 +58,11 @@ def active_policy() -> KVPolicy | None:
     if config is None:
         return None
     return policy_for(config.additional_config)
+
+
+def active_quant() -> KVQuant | None:
+    """``--kv-quant`` setting of the current vLLM config (see :func:`current_config`), if any."""
+    config = current_config()
+    if config is None:
+        return None
+    return quant_for(config.additional_config)

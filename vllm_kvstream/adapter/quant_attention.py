@@ -1,0 +1,257 @@
+"""Worker side of ``--kv-quant``: an attention backend over quantized pages, for every
+position-pattern policy (``full``, ``sliding-window``, ``streaming-sink``).
+
+It owns its page layout (``kernels/kv_quant.py``: codes, scales, outlier channels and sink
+keys of one block and head together, so evicting a block frees its metadata too), so it
+writes the cache itself: ``forward_includes_kv_cache_update = True`` and ``forward`` runs
+store, then attention, with the positions of the step's tokens from the metadata.
+
+Per step (the metadata builder, once for all layers): each token's absolute position, and per
+request the blocks holding tokens some query of the step attends to (sinks + window of the
+policy, every block for ``full``), listed once in ``needed``; a compact block table maps each
+request's logical blocks into that list. Blocks outside it, among them every evicted block
+whose stale id stays in vLLM's append-only worker table, are never dereferenced.
+
+Per layer:
+
+* **store**: the model hands keys rotated at absolute positions; they are rotated back
+  (float64 angles, exact at any position) and quantized before RoPE, KVQuant-style, into
+  their slots, updating the layer's online statistics (:class:`~vllm_kvstream.kernels.QuantStats`).
+* **attention**: the needed blocks are dequantized (float32, pre-RoPE keys) and the
+  sink + window reference runs on them with ``rope_applied=False``: keys rotated at their
+  cache-relative positions, the query likewise, exactly the semantics of the unquantized
+  path (``kernels/sink_attention.py``). The same code serves decode and prefill chunks.
+
+This is the CPU torch path (what runs here). The Triton store and decode kernels
+(``kernels/kv_quant_triton.py``) implement the same contract for CUDA; they are tested
+against the reference under ``TRITON_INTERPRET=1`` but not wired into this backend yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from vllm_kvstream.adapter.attention import KVStreamBackend, _max_query_tokens
+from vllm_kvstream.adapter.compat import probe
+from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_spec, quant_layout
+from vllm_kvstream.adapter.rope import recorded_rope
+from vllm_kvstream.adapter.state import active_policy, active_quant, remember_engine_config
+from vllm_kvstream.kernels import (
+    QuantLayout,
+    QuantStats,
+    RequestSlice,
+    Rope,
+    quant_read_ref,
+    quant_write,
+    sink_window_attention,
+)
+from vllm_kvstream.policies import AttentionPattern
+from vllm_kvstream.policies.base import cdiv
+
+_backend_mod = probe("vllm.v1.attention.backend")
+AttentionImpl = _backend_mod.AttentionImpl
+AttentionMetadataBuilder = _backend_mod.AttentionMetadataBuilder
+AttentionType = _backend_mod.AttentionType
+FullAttentionSpec = probe("vllm.v1.kv_cache_interface:FullAttentionSpec")
+
+QUANT_BACKEND_PATH = "vllm_kvstream.adapter.quant_attention.KVStreamQuantBackend"
+
+
+class KVStreamQuantBackend(KVStreamBackend):
+    forward_includes_kv_cache_update: bool = True
+    supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @staticmethod
+    def get_impl_cls():
+        return KVStreamQuantImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return KVStreamQuantBuilder
+
+    @classmethod
+    def customize_spec(cls, spec):
+        policy, quant = active_policy(), active_quant()
+        if policy is None or quant is None or type(spec) is not FullAttentionSpec:
+            return spec
+        if spec.block_size == 1:  # per-token page-size probes by the platform
+            return spec
+        return make_spec(spec, policy, _max_query_tokens(), quant)
+
+
+@dataclass
+class QuantStepMetadata:
+    num_actual_tokens: int
+    positions: torch.Tensor  # [T] absolute position of each query token
+    slots: torch.Tensor  # [T] slot of each token (negative: padding, not written)
+    requests: list[RequestSlice]  # block_row indexes ``table``
+    needed: torch.Tensor  # [m] physical blocks read this step
+    table: torch.Tensor  # [R, max logical blocks] index into ``needed`` (0 where not needed)
+
+
+def plan_quant_step(
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_table: torch.Tensor,
+    pattern: AttentionPattern,
+    block_size: int,
+) -> tuple[torch.Tensor, list[RequestSlice], torch.Tensor, torch.Tensor]:
+    """``(positions, requests, needed, table)`` of :class:`QuantStepMetadata` (pure; tested
+    against the policy's ``attended_ranges``)."""
+    qsl = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    S, W = pattern.sink_tokens, pattern.window_tokens
+    n_query = torch.tensor([qsl[i + 1] - qsl[i] for i in range(len(lens))], dtype=torch.long)
+    firsts = torch.tensor(lens, dtype=torch.long) - n_query
+    positions = torch.repeat_interleave(firsts, n_query) + (
+        torch.arange(int(n_query.sum())) - torch.repeat_interleave(torch.tensor(qsl[:-1], dtype=torch.long), n_query)
+    )
+    index: dict[int, int] = {}
+    width = max((cdiv(L, block_size) for L in lens), default=0)
+    table = torch.zeros(len(lens), max(width, 1), dtype=torch.long)
+    rows = block_table[:, :width].tolist() if width else [[] for _ in lens]
+    requests = []
+    for i, L in enumerate(lens):
+        first = L - (qsl[i + 1] - qsl[i])
+        if qsl[i + 1] == qsl[i]:
+            continue
+        n_sink = min(S, L)
+        rest_lo = 0 if W is None else max(n_sink, first - W + 1, 0)
+        logical = list(range(cdiv(n_sink, block_size))) + list(range(rest_lo // block_size, cdiv(L, block_size)))
+        for j in logical:
+            phys = int(rows[i][j])
+            table[i, j] = index.setdefault(phys, len(index))
+        requests.append(RequestSlice(q_start=qsl[i], q_end=qsl[i + 1], seq_len=L, block_row=i))
+    needed = torch.tensor(list(index), dtype=torch.long)
+    return positions, requests, needed, table
+
+
+class KVStreamQuantBuilder(AttentionMetadataBuilder[QuantStepMetadata]):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if not isinstance(kv_cache_spec, KVStreamAttentionSpec) or kv_cache_spec.quant is None:
+            raise RuntimeError("vllm-kvstream: the quantized backend was given an unquantized KV spec")
+        self.block_size = kv_cache_spec.block_size
+        self.pattern = kv_cache_spec.policy.pattern
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> QuantStepMetadata:
+        cm = common_attn_metadata
+        n = cm.num_actual_tokens
+        positions, requests, needed, table = plan_quant_step(
+            cm.query_start_loc_cpu[: cm.num_reqs + 1],
+            cm.seq_lens.cpu()[: cm.num_reqs],
+            cm.block_table_tensor[: cm.num_reqs].cpu(),
+            self.pattern,
+            self.block_size,
+        )
+        device = cm.block_table_tensor.device
+        return QuantStepMetadata(
+            num_actual_tokens=n,
+            positions=positions.to(device),
+            slots=cm.slot_mapping[:n].to(torch.long),
+            requests=requests,
+            needed=needed.to(device),
+            table=table.to(device),
+        )
+
+
+class KVStreamQuantImpl(AttentionImpl):
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        scale: float,
+        num_kv_heads: int | None = None,
+        alibi_slopes: list[float] | None = None,
+        sliding_window: int | None = None,
+        kv_cache_dtype: str = "auto",
+        logits_soft_cap: float | None = None,
+        attn_type: str = AttentionType.DECODER,
+        kv_sharing_target_layer_name: str | None = None,
+        sinks: torch.Tensor | None = None,
+        **kwargs,
+    ) -> None:
+        unsupported = {
+            "alibi_slopes": alibi_slopes is not None,
+            "sliding_window (model-defined)": sliding_window is not None,
+            "logits_soft_cap": bool(logits_soft_cap),
+            "kv_sharing_target_layer_name": kv_sharing_target_layer_name is not None,
+            "learned attention sinks": sinks is not None,
+            f"kv_cache_dtype={kv_cache_dtype!r}": kv_cache_dtype != "auto",
+        }
+        bad = [name for name, present in unsupported.items() if present]
+        if bad:
+            raise NotImplementedError(
+                f"vllm-kvstream: --kv-quant does not support {', '.join(bad)}; "
+                "supported: decoder attention with plain RoPE and kv_cache_dtype='auto'."
+            )
+        policy, quant = active_policy(), active_quant()
+        if policy is None or quant is None:
+            raise RuntimeError("vllm-kvstream: quantized attention backend built without --kv-quant in the config")
+        from vllm.config import get_current_vllm_config_or_none
+
+        config = get_current_vllm_config_or_none()
+        remember_engine_config(config)
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.scale = float(scale)
+        self.num_kv_heads = num_kv_heads or num_heads
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+        self.pattern = policy.pattern
+        self.quant = quant
+        self.layout: QuantLayout = quant_layout(quant, head_size, config.cache_config.block_size)
+        self.stats: QuantStats | None = None
+        self._rope: Rope | None = None
+
+    @property
+    def rope(self) -> Rope:
+        if self._rope is None:
+            self._rope = recorded_rope()
+        return self._rope
+
+    def pages(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        """vLLM's ``[blocks, heads, block_size, bytes per token]`` view as the layout's
+        ``[blocks, heads, head_bytes]`` uint8."""
+        nb, h = kv_cache.shape[0], kv_cache.shape[1]
+        return kv_cache.view(torch.uint8).reshape(nb, h, self.layout.head_bytes)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None, output_block_scale=None):
+        if output_scale is not None or output_block_scale is not None:
+            raise NotImplementedError("vllm-kvstream: fused output quantization is not supported")
+        md: QuantStepMetadata | None = attn_metadata
+        if md is None:  # profiling / warm-up run
+            return output
+        n = md.num_actual_tokens
+        pages = self.pages(kv_cache)
+        if self.stats is None:
+            self.stats = QuantStats.empty(self.num_kv_heads, self.head_size, self.quant.config.ema_decay, device=pages.device)
+        rope = self.rope
+        positions = md.positions
+        if key is not None and value is not None:
+            k = rope.rotate(key[:n].view(n, self.num_kv_heads, self.head_size).float(), -positions)
+            v = value[:n].view(n, self.num_kv_heads, self.head_size)
+            valid = md.slots >= 0
+            if not bool(valid.all()):
+                k, v, slots, pos = k[valid], v[valid], md.slots[valid], positions[valid]
+            else:
+                slots, pos = md.slots, positions
+            quant_write(k, v, pages, slots, pos, self.stats, self.layout, is_neox_style=rope.is_neox_style)
+        if not md.requests:
+            return output
+        query = query[:n].view(n, self.num_heads, self.head_size)
+        out = output[:n].view(n, self.num_heads, self.head_size)
+        k_all, v_all = quant_read_ref(pages, md.needed, self.layout, is_neox_style=rope.is_neox_style)
+        q = rope.rotate(query.float(), -positions)  # back to unrotated: keys are cached before RoPE
+        sink_window_attention(
+            q, k_all, v_all, md.table, md.requests,
+            sink_tokens=self.pattern.sink_tokens, window_tokens=self.pattern.window_tokens,
+            scale=self.scale, rope=rope, rope_applied=False, out=out,
+        )
+        return output
+
+    def outlier_rate(self) -> float:
+        return 0.0 if self.stats is None else self.stats.outlier_rate()

@@ -1,0 +1,90 @@
+"""``--kv-quant``: quantized KV blocks, the settings (pure; no vLLM import).
+
+The method (KVQuant-style, see ``kernels/kv_quant.py``) combines with every policy: the
+policy decides which blocks are kept, the quantization how each kept block is stored. Keys
+in vLLM's ``additional_config``::
+
+    {"kv_quant": "int8" | "int4", "kv_quant_config": {"sink_tokens": 4, ...}}
+
+``vllm serve MODEL --kv-quant int4 [--kv-policy streaming-sink]``; without ``--kv-policy``
+the policy is ``full`` (every token kept, each block quantized).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from vllm_kvstream.errors import KVStreamConfigError
+
+QUANT_KEY = "kv_quant"
+QUANT_PARAMS_KEY = "kv_quant_config"
+#: ``--kv-quant`` values and their bit widths.
+QUANT_METHODS = {"int8": 8, "int4": 4}
+
+
+class KVQuantConfig(BaseModel):
+    """Options of the quantization (``kv_quant_config``); the method is ``kv_quant``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+    sink_tokens: int = Field(4, ge=0, description="tokens at positions < this keep 8-bit keys with their own scale")
+    outlier_channels: int = Field(2, ge=0, le=255, description="INT4: key channels per block kept at 8 bits")
+    ema_decay: float = Field(0.99, gt=0.0, lt=1.0, description="decay of the online per-channel key absmax")
+
+
+@dataclass(frozen=True)
+class KVQuant:
+    """A validated quantization setting (what the worker builds its page layout from)."""
+
+    method: str
+    config: KVQuantConfig
+
+    @property
+    def bits(self) -> int:
+        return QUANT_METHODS[self.method]
+
+    def describe(self) -> str:
+        c = self.config
+        extra = f", {c.outlier_channels} outlier channels" if self.bits == 4 else ""
+        return f"{self.method} (keys per channel before RoPE, values per token, {c.sink_tokens} sink tokens at 8 bits{extra})"
+
+    def normalized(self) -> dict[str, Any]:
+        return {QUANT_KEY: self.method, QUANT_PARAMS_KEY: self.config.model_dump()}
+
+
+def parse_quant(method: Any, params: Any = None) -> KVQuant | None:
+    """Validate ``kv_quant`` / ``kv_quant_config`` (``method=None``: not quantized)."""
+    if method is None:
+        if params:
+            raise KVStreamConfigError(
+                f"{QUANT_PARAMS_KEY}={params!r} was given without {QUANT_KEY}; allowed: {', '.join(QUANT_METHODS)}"
+            )
+        return None
+    if method not in QUANT_METHODS:
+        raise KVStreamConfigError(f"--kv-quant {method!r} is not supported; allowed: {', '.join(QUANT_METHODS)}")
+    if params is not None and not isinstance(params, Mapping):
+        raise KVStreamConfigError(f"{QUANT_PARAMS_KEY} must be a mapping of option names to values, got {params!r}")
+    try:
+        config = KVQuantConfig.model_validate(dict(params or {}))
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors())
+        allowed = ", ".join(f"{k} ({f.description})" for k, f in KVQuantConfig.model_fields.items())
+        raise KVStreamConfigError(f"invalid {QUANT_PARAMS_KEY}: {problems}. Allowed: {allowed}.") from None
+    return KVQuant(method, config)
+
+
+def quant_from_additional_config(additional_config: Mapping[str, Any] | None) -> KVQuant | None:
+    if not additional_config:
+        return None
+    params = additional_config.get(QUANT_PARAMS_KEY)
+    if isinstance(params, str):
+        try:
+            params = json.loads(params)
+        except json.JSONDecodeError as exc:
+            raise KVStreamConfigError(f"--kv-quant-config must be a JSON object, got {params!r} ({exc.msg})") from None
+    return parse_quant(additional_config.get(QUANT_KEY), params)
