@@ -24,3 +24,26 @@ def test_topk_turns_prefix_caching_off_and_refuses_it_forced(tiny_model):
     args = _args(additional_config={"kv_policy": "streaming-sink"}, enable_prefix_caching=True)
     prepare_engine_args(args)
     assert args.enable_prefix_caching is True
+
+
+def test_kv_quant_flags_fold_validate_and_normalize(tiny_model):
+    import argparse
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvstream.adapter.engine_args import _add_flags, fold_flags_into_additional_config, prepare_engine_args
+
+    parser = argparse.ArgumentParser()
+    _add_flags(parser)
+    ns = parser.parse_args(["--kv-quant", "int4", "--kv-quant-config", '{"outlier_channels": 4}'])
+    merged = fold_flags_into_additional_config(ns, None)
+    assert merged == {"kv_quant": "int4", "kv_quant_config": {"outlier_channels": 4}}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--kv-quant", "fp8"])  # argparse names the allowed choices
+    args = EngineArgs(model=tiny_model, additional_config=merged)
+    prepare_engine_args(args)
+    assert args.additional_config["kv_policy"] == "full"
+    assert args.additional_config["kv_quant_config"] == {"sink_tokens": 4, "outlier_channels": 4, "ema_decay": 0.99}
+    topk = {"kv_policy": "topk-importance", "kv_quant": "int8"}
+    with pytest.raises(KVStreamConfigError, match="--kv-quant int8 is not supported with --kv-policy 'topk-importance'"):
+        prepare_engine_args(EngineArgs(model=tiny_model, additional_config=topk))

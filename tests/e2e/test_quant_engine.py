@@ -1,0 +1,69 @@
+"""``--kv-quant`` end to end on a real vLLM engine (CPU): the KV capacity vLLM allocates and
+admits by grows by the real byte ratio, a long INT4 streaming-sink stream stays bounded, and
+quantized streams stay close to unquantized ones on a trained model, INT8 closer than INT4."""
+
+import math
+
+import pytest
+
+from tests.e2e.conftest import policy_config, run_engine
+from vllm_kvstream.kernels import QuantLayout
+
+pytestmark = pytest.mark.e2e
+
+
+def test_capacity_grows_by_the_byte_ratio_against_bf16(tiny_model):
+    short = {"prompts": [list(range(3000, 3200))], "sampling": {"max_tokens": 8, "temperature": 0.0}}
+    base = {"model": tiny_model, "enforce_eager": True, "dtype": "bfloat16", "block_size": 128, "seed": 0}
+    stock = run_engine(base, [short])
+    for method, bits, need in (("int8", 8, 1.9), ("int4", 4, 3.5)):
+        got = run_engine({**base, "additional_config": {"kv_quant": method}}, [short])
+        ratio = got["num_blocks"] / stock["num_blocks"]
+        assert ratio >= need, (method, ratio)
+        # The ratio is the layout's, metadata counted (2 layers of 2 KV heads of 64).
+        assert ratio == pytest.approx(QuantLayout(bits, 64, 128, align=128).ratio_to(2), rel=0.01)
+        assert len(got["jobs"][0]["results"][0]["token_ids"]) == 8
+
+
+def test_int4_streaming_sink_long_stream_bounded_and_pool_recovers(tiny_model):
+    from vllm_kvstream.policies import build_policy
+
+    sink, window, block, chunk = 4, 60, 16, 64
+    bound = build_policy("streaming-sink", {"sink_tokens": sink, "window_tokens": window}).max_blocks_per_request(
+        block, chunk, 1 << 40
+    )
+    prompt = [1000 + (7 * i) % 30000 for i in range(4 * (sink + window))]
+    gen = {"prompts": [prompt], "sampling": {"max_tokens": 28 * (sink + window), "ignore_eos": True, "temperature": 0.0}}
+    engine = {
+        "model": tiny_model, "enforce_eager": True, "dtype": "float32", "block_size": block,
+        "max_num_batched_tokens": chunk, "seed": 0,
+        "additional_config": {**policy_config("streaming-sink", sink_tokens=sink, window_tokens=window), "kv_quant": "int4"},
+    }
+    out = run_engine(engine, [gen])["jobs"][0]
+    assert len(out["results"][0]["token_ids"]) == 28 * (sink + window)  # 32x the cache in all
+    assert 0 < out["peak_held"][0] <= bound
+    assert out["free_end"] == out["free_start"]
+
+
+def test_quantized_close_to_unquantized_on_smollm2(smollm2):
+    from transformers import AutoTokenizer
+
+    from vllm_kvstream.data.austen import austen_text
+
+    tokens = AutoTokenizer.from_pretrained(smollm2)(austen_text()[20000:40000])["input_ids"][:1200]
+    job = {"prompts": [tokens], "sampling": {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}}
+    runs = {}
+    for quant in (None, "int8", "int4"):
+        ac = policy_config("streaming-sink", sink_tokens=4, window_tokens=252)
+        if quant:
+            ac["kv_quant"] = quant
+        engine = {"model": smollm2, "enforce_eager": True, "dtype": "float32", "block_size": 32, "seed": 0,
+                  "max_num_batched_tokens": 512, "additional_config": ac}
+        runs[quant] = run_engine(engine, [job])["jobs"][0]["results"][0]["prompt_logprobs"][1:]
+    ppl = {q: math.exp(-sum(lps) / len(lps)) for q, lps in runs.items()}
+    drift = {q: sum(abs(a - b) for a, b in zip(runs[q], runs[None])) / len(runs[None]) for q in ("int8", "int4")}
+    # Quantization happened and costs in the order of the bit width...
+    assert 0 < drift["int8"] < drift["int4"]
+    # ...and stays small: a wrong scale, position or block would cost far more than this.
+    assert ppl["int8"] < 1.01 * ppl[None], ppl
+    assert ppl["int4"] < 1.05 * ppl[None], ppl
