@@ -43,7 +43,7 @@ def store_kernel(
     key_ptr, value_ptr, pos_ptr, cache_ptr, ema_ptr,
     wblock_ptr, wt0_ptr, wn_ptr, woff_ptr,
     stride_kn, stride_kh, stride_vn, stride_vh,
-    H: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr,
+    H: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
     BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr,
     K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr,
     K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
@@ -80,6 +80,10 @@ def store_kernel(
     old2 = tl.load(f16 + K_SCALE_OFF // 2 + ch2, mask=hasold, other=0.0).to(tl.float32)
     e1 = tl.load(ema_ptr + h * D + ch1)
     e2 = tl.load(ema_ptr + h * D + ch2)
+    # A block written whole takes its own absmax; one started by a partial write, max(EMA, it).
+    whole = start & (n == BS) & (tl.max(nonsink.to(tl.int32), axis=0) > 0)
+    e1 = tl.where(whole, 0.0, e1)
+    e2 = tl.where(whole, 0.0, e2)
     abs1 = tl.maximum(tl.where(start, e1, old1), a1).to(tl.float16).to(tl.float32)
     abs2 = tl.maximum(tl.where(start, e2, old2), a2).to(tl.float16).to(tl.float32)
     grown = tl.max((abs1 > old1).to(tl.int32), axis=0) + tl.max((abs2 > old2).to(tl.int32), axis=0)

@@ -33,7 +33,8 @@ Why this method (after KVQuant, Hooper et al. 2024, and seed 001):
 * **Online statistics, no calibration**: each layer keeps an EMA of the per-channel key
   absmax over non-sink tokens, updated with every write (prefill chunk or decode token). A
   block's channel scales start, with its first token, at the EMA (already holding that
-  write) or the write's own absmax for the block, whichever is larger. A later token that
+  write) or the write's own absmax for the block, whichever is larger; a block written whole
+  in one write (prefill) takes its own absmax. A later token that
   outgrows a channel's scale grows it, and the block's earlier tokens are re-encoded (one
   extra rounding, rare once the EMA has settled): nothing is clipped.
 * **Outliers**: the ``n_out`` channels with the largest scale of the block keep 8-bit codes
@@ -52,6 +53,7 @@ import torch
 from vllm_kvstream.kernels.rope import Rope
 
 QUANT_BITS = (8, 4)
+KEY_SCALES = ("channel", "token")
 
 
 def _round_up(x: int, m: int) -> int:
@@ -70,8 +72,13 @@ class QuantLayout:
     #: ``head_bytes`` is a multiple of 16 and of this (vLLM views a page as ``[heads,
     #: block_size, head_bytes / block_size]``, so the plugin passes ``block_size``).
     align: int = 16
+    #: ``"channel"`` (the method) or ``"token"``: keys scaled per token like values, the naive
+    #: foil of the ablation (reference path only; no outlier channels then).
+    key_scale: str = "channel"
 
     def __post_init__(self) -> None:
+        if self.key_scale not in KEY_SCALES:
+            raise ValueError(f"key_scale={self.key_scale!r}; allowed: {', '.join(KEY_SCALES)}")
         if self.align < 1:
             raise ValueError(f"align={self.align} must be >= 1")
         if self.bits not in QUANT_BITS:
@@ -89,8 +96,14 @@ class QuantLayout:
 
     @property
     def n_out(self) -> int:
-        """Outlier channels per block and head (INT8 keeps none: every channel has 8 bits)."""
-        return self.outlier_channels if self.bits == 4 else 0
+        """Outlier channels per block and head (INT8 keeps none: every channel has 8 bits;
+        per-token key scales have no channel to single out)."""
+        return self.outlier_channels if self.bits == 4 and self.key_scale == "channel" else 0
+
+    @property
+    def k_scale_len(self) -> int:
+        """Entries of ``k_scale``: one per channel, or one per token (``key_scale="token"``)."""
+        return self.head_size if self.key_scale == "channel" else self.block_size
 
     @property
     def code_bytes(self) -> int:
@@ -104,7 +117,7 @@ class QuantLayout:
 
     @property
     def v_scale_off(self) -> int:
-        return 2 * self.head_size
+        return 2 * self.k_scale_len
 
     @property
     def sink_scale_off(self) -> int:
@@ -207,7 +220,7 @@ class PageView:
         def f16(off: int, n: int) -> torch.Tensor:
             return cache[:, :, off : off + 2 * n].view(torch.float16)
 
-        self.k_scale = f16(L.k_scale_off, D)
+        self.k_scale = f16(L.k_scale_off, L.k_scale_len)
         self.v_scale = f16(L.v_scale_off, bs)
         self.sink_scale = f16(L.sink_scale_off, S)
         self.k_codes = u8(L.k_codes_off, bs, L.code_bytes)
@@ -318,24 +331,17 @@ def quant_write_ref(
         off = offsets[sel]
         kb, vb, sink_b = k[sel], v[sel], is_sink[sel]
         first = int(off.min())
-        new_abs = kb[~sink_b].abs().amax(dim=0) if bool((~sink_b).any()) else torch.zeros_like(stats.ema_absmax)
-        if first == 0:  # the block starts here: scales from the EMA, extras cleared
-            absmax = torch.maximum(stats.ema_absmax, new_abs).half().float()
-            view.sink_k[b] = 128  # the zero code at 8 bits
-            view.sink_scale[b] = 0.0
-            if L.n_out:
-                view.out_idx[b] = torch.topk(absmax, L.n_out, dim=-1).indices.to(torch.uint8)
+        if L.key_scale == "token":
+            if first == 0:
+                view.sink_k[b] = 128
+                view.sink_scale[b] = 0.0
+            k_abs = kb.abs().amax(dim=-1)  # [n, H]
+            view.k_scale[b, :, off] = k_abs.half().t()
+            codes = _encode(kb, k_abs.half().float()[..., None], qmax)
+            codes[sink_b] = qmax + 1
+            view.k_codes[b, :, off] = pack_codes(codes, L, neox).permute(1, 0, 2)
         else:
-            old = view.k_scale[b].float()
-            absmax = torch.maximum(old, new_abs).half().float()
-            if bool((absmax > old).any()):
-                # A channel outgrew its block scale: re-encode the block's earlier tokens with
-                # the grown scale instead of clipping the new one.
-                prev = torch.arange(first)
-                k_prev = _read_main_keys(view, b, L, neox)[:, :first].transpose(0, 1)  # [first, H, D]
-                _store_keys(view, b, prev, k_prev, torch.zeros(first, dtype=torch.bool), absmax, L, neox)
-        view.k_scale[b] = absmax.half()
-        _store_keys(view, b, off, kb, sink_b, absmax, L, neox)
+            _write_channel_keys(view, b, off, first, kb, sink_b, stats, L, neox)
         # Values: per token.
         v_abs = vb.abs().amax(dim=-1)  # [n, H]
         view.v_scale[b, :, off] = v_abs.half().t()
@@ -348,6 +354,31 @@ def quant_write_ref(
             view.sink_k[b, :, s_off] = _encode(kb[sink_b], s_abs.half().float()[..., None], 127).permute(1, 0, 2)
 
 
+def _write_channel_keys(view, b, off, first, kb, sink_b, stats, L: QuantLayout, neox: bool) -> None:
+    """Keys of one block's write with per-channel scales (the method, see the module docstring)."""
+    new_abs = kb[~sink_b].abs().amax(dim=0) if bool((~sink_b).any()) else torch.zeros_like(stats.ema_absmax)
+    if first == 0:  # the block starts here: scales from the EMA, extras cleared
+        whole = len(off) == L.block_size and bool((~sink_b).any())
+        # Written whole (a prefill chunk): its own absmax is the scale. Started by a partial
+        # write (decode): the EMA predicts what the rest of the block will need.
+        absmax = (new_abs if whole else torch.maximum(stats.ema_absmax, new_abs)).half().float()
+        view.sink_k[b] = 128  # the zero code at 8 bits
+        view.sink_scale[b] = 0.0
+        if L.n_out:
+            view.out_idx[b] = torch.topk(absmax, L.n_out, dim=-1).indices.to(torch.uint8)
+    else:
+        old = view.k_scale[b].float()
+        absmax = torch.maximum(old, new_abs).half().float()
+        if bool((absmax > old).any()):
+            # A channel outgrew its block scale: re-encode the block's earlier tokens with
+            # the grown scale instead of clipping the new one.
+            prev = torch.arange(first)
+            k_prev = _read_main_keys(view, b, L, neox)[:, :first].transpose(0, 1)  # [first, H, D]
+            _store_keys(view, b, prev, k_prev, torch.zeros(first, dtype=torch.bool), absmax, L, neox)
+    view.k_scale[b] = absmax.half()
+    _store_keys(view, b, off, kb, sink_b, absmax, L, neox)
+
+
 def quant_read_ref(
     cache: torch.Tensor, blocks: torch.Tensor, layout: QuantLayout, *, is_neox_style: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -356,11 +387,12 @@ def quant_read_ref(
     L = layout
     view = PageView(cache, L)
     blocks = blocks.to(torch.long)
-    k_abs = view.k_scale[blocks].float()  # [m, H, D]
-    k = _decode(unpack_codes(view.k_codes[blocks], L, is_neox_style), k_abs[:, :, None, :], L.qmax)
+    k_abs = view.k_scale[blocks].float()  # [m, H, D] per channel, [m, H, bs] per token
+    k_abs = k_abs[:, :, None, :] if L.key_scale == "channel" else k_abs[..., None]
+    k = _decode(unpack_codes(view.k_codes[blocks], L, is_neox_style), k_abs, L.qmax)
     if L.n_out:
         idx = view.out_idx[blocks].long()  # [m, H, n_out]
-        out_abs = torch.gather(k_abs, 2, idx)
+        out_abs = torch.gather(k_abs[:, :, 0, :], 2, idx)
         vals = _decode(view.out_k[blocks], out_abs[:, :, None, :], 127)  # [m, H, bs, n_out]
         k.scatter_add_(3, idx[:, :, None, :].expand(-1, -1, L.block_size, -1), vals)
     if L.sink_tokens:

@@ -39,6 +39,8 @@ def _kernels():
 
 def _layout_args(layout: QuantLayout) -> dict:
     L = layout
+    if L.key_scale != "channel":
+        raise NotImplementedError(f"the Triton kernels implement key_scale='channel' only, got {L.key_scale!r}")
     return dict(
         BITS=L.bits, S=L.sink_tokens, NOUT=L.n_out,
         K_SCALE_OFF=L.k_scale_off, V_SCALE_OFF=L.v_scale_off, SINK_SCALE_OFF=L.sink_scale_off,
@@ -84,7 +86,8 @@ def quant_store(
         key_pre, value, positions.to(torch.int64), cache, stats.ema_absmax,
         blocks, t0, counts, off0,
         key_pre.stride(0), key_pre.stride(1), value.stride(0), value.stride(1),
-        H=heads, HALF=L.head_size // 2, BT=_next_pow2(L.block_size), NEOX=is_neox_style, **_layout_args(L),
+        H=heads, HALF=L.head_size // 2, BT=_next_pow2(L.block_size), BS=L.block_size, NEOX=is_neox_style,
+        **_layout_args(L),
     )
 
 

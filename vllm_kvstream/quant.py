@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -35,6 +35,9 @@ class KVQuantConfig(BaseModel):
     sink_tokens: int = Field(4, ge=0, description="tokens at positions < this keep 8-bit keys with their own scale")
     outlier_channels: int = Field(2, ge=0, le=255, description="INT4: key channels per block kept at 8 bits")
     ema_decay: float = Field(0.99, gt=0.0, lt=1.0, description="decay of the online per-channel key absmax")
+    # Ablation knobs: the method is channel + pre; the others exist to show what each buys.
+    key_scale: Literal["channel", "token"] = Field("channel", description="keys scaled per channel (the method) or per token (naive)")
+    key_rope: Literal["pre", "post"] = Field("pre", description="keys quantized before RoPE (the method) or after it")
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,11 @@ class KVQuant:
 
     def describe(self) -> str:
         c = self.config
-        extra = f", {c.outlier_channels} outlier channels" if self.bits == 4 else ""
-        return f"{self.method} (keys per channel before RoPE, values per token, {c.sink_tokens} sink tokens at 8 bits{extra})"
+        extra = f", {c.outlier_channels} outlier channels" if self.bits == 4 and c.key_scale == "channel" else ""
+        return (
+            f"{self.method} (keys per {c.key_scale} {'before' if c.key_rope == 'pre' else 'after'} RoPE, values per token, "
+            f"{c.sink_tokens} sink tokens at 8 bits{extra})"
+        )
 
     def normalized(self) -> dict[str, Any]:
         return {QUANT_KEY: self.method, QUANT_PARAMS_KEY: self.config.model_dump()}

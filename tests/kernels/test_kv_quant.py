@@ -126,6 +126,39 @@ def test_outlier_and_sink_handling_pay_off():
     assert err < err2 / 2
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_per_token_key_scales_naive_foil(bits):
+    """``key_scale="token"`` (the ablation's naive keys): each key within half a step of its
+    own per-token scale, sinks apart, and a channel outlier costs the other channels of the
+    token their precision (what per-channel scales avoid)."""
+    gen = torch.Generator().manual_seed(bits)
+    D, H, bs, n = 32, 2, 8, 29
+    L = QuantLayout(bits, D, bs, sink_tokens=2, outlier_channels=2, key_scale="token")
+    assert L.n_out == 0 and L.k_scale_len == bs
+    cache = torch.randint(0, 256, (8, H, L.head_bytes), dtype=torch.uint8, generator=gen)
+    k_pre = torch.randn(n, H, D, generator=gen)
+    k_pre[:, :, 5] *= 8.0
+    v = torch.randn(n, H, D, generator=gen)
+    row = torch.randperm(8, generator=gen)[: -(-n // bs)]
+    pos = torch.arange(n)
+    slots = row[pos // bs] * bs + pos % bs
+    stats = QuantStats.empty(H, D)
+    for sl in (slice(0, 11), slice(11, 12), slice(12, n)):
+        quant_write_ref(k_pre[sl], v[sl], cache, slots[sl], pos[sl], stats, L, rope=None)
+    k, vv = quant_read_ref(cache, row, L)
+    k, vv = _tokens(k, n), _tokens(vv, n)
+    step = k_pre.abs().amax(dim=-1, keepdim=True) / L.qmax
+    assert ((k - k_pre)[2:].abs() <= step[2:] * 0.51 + 1e-3).all()
+    assert ((k - k_pre)[:2].abs() <= k_pre[:2].abs().amax(-1, keepdim=True) / 127 * 0.51 + 1e-3).all()
+    assert ((vv - v).abs() <= v.abs().amax(dim=-1, keepdim=True) / L.qmax * 0.51 + 1e-3).all()
+    channel = _stream(bits, D=D, H=H, bs=bs, n=n, seed=bits)
+    kc, _ = quant_read_ref(channel[1], channel[4], channel[0])
+    rest = [c for c in range(D) if c != 5]
+    err_token = float((k - k_pre)[2:, :, rest].norm() / k_pre[2:, :, rest].norm())
+    err_channel = float((_tokens(kc, n) - channel[2])[3:, :, rest].norm() / channel[2][3:, :, rest].norm())
+    assert err_channel < err_token
+
+
 def test_stats_ema_and_outlier_rate():
     st = QuantStats.empty(1, 4, decay=0.5)
     st.update(torch.tensor([[1.0, 1.0, 1.0, 10.0]]))

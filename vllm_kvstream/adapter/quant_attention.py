@@ -231,8 +231,11 @@ class KVStreamQuantImpl(AttentionImpl):
             self.stats = QuantStats.empty(self.num_kv_heads, self.head_size, self.quant.config.ema_decay, device=pages.device)
         rope = self.rope
         positions = md.positions
+        post = self.quant.config.key_rope == "post"  # ablation: keys quantized as the model rotated them
         if key is not None and value is not None:
-            k = rope.rotate(key[:n].view(n, self.num_kv_heads, self.head_size).float(), -positions)
+            k = key[:n].view(n, self.num_kv_heads, self.head_size).float()
+            if not post:
+                k = rope.rotate(k, -positions)
             v = value[:n].view(n, self.num_kv_heads, self.head_size)
             valid = md.slots >= 0
             if not bool(valid.all()):
@@ -245,11 +248,12 @@ class KVStreamQuantImpl(AttentionImpl):
         query = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         k_all, v_all = quant_read_ref(pages, md.needed, self.layout, is_neox_style=rope.is_neox_style)
-        q = rope.rotate(query.float(), -positions)  # back to unrotated: keys are cached before RoPE
+        # Keys cached before RoPE: the query back to unrotated too, both rotated at cache positions.
+        q = query if post else rope.rotate(query.float(), -positions)
         sink_window_attention(
             q, k_all, v_all, md.table, md.requests,
             sink_tokens=self.pattern.sink_tokens, window_tokens=self.pattern.window_tokens,
-            scale=self.scale, rope=rope, rope_applied=False, out=out,
+            scale=self.scale, rope=rope, rope_applied=post, out=out,
         )
         return output
 

@@ -52,8 +52,10 @@ def engine_kwargs(
     block_size: int | None = None,
     max_model_len: int | None = None,
     max_num_seqs: int | None = None,
+    quant: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``LLM(...)`` arguments for a policy (``policy=None``: stock vLLM, plugin inert)."""
+    """``LLM(...)`` arguments for a policy (``policy=None``: stock vLLM, plugin inert);
+    ``quant``: the ``--kv-quant`` entries of ``additional_config``."""
     kw: dict[str, Any] = {
         "model": str(model), "enforce_eager": True, "dtype": dtype, "seed": 0,
         "max_num_batched_tokens": chunk, "enable_prefix_caching": False,
@@ -65,7 +67,7 @@ def engine_kwargs(
     if max_num_seqs:
         kw["max_num_seqs"] = max_num_seqs
     if policy is not None:
-        kw["additional_config"] = {"kv_policy": policy, "kv_policy_config": params or {}}
+        kw["additional_config"] = {"kv_policy": policy, "kv_policy_config": params or {}, **(quant or {})}
     return kw
 
 

@@ -84,7 +84,7 @@ def run_passkey(
     """Generated token ids per trial, through vLLM under ``run``."""
     bounded = run.cache is not None
     longest = max(len(t.prompt) for t in trials)
-    kw = engine_kwargs(model, run.policy, run.params, dtype=dtype, chunk=chunk, block_size=block_size, max_num_seqs=max_num_seqs,
+    kw = engine_kwargs(model, run.policy, run.params, dtype=dtype, chunk=chunk, block_size=block_size, max_num_seqs=max_num_seqs, quant=run.quant,
                        max_model_len=None if bounded else longest + 32)
     per_request = (run.cache.sink_tokens + run.cache.window_tokens + 2 * chunk) if bounded else longest + 64
     gib = 4 * per_request * kv_bytes_per_token(model, 4 if dtype == "float32" else 2) / 2**30 + 0.5

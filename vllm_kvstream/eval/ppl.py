@@ -18,11 +18,12 @@ import csv
 import json
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_kvstream.eval.engine import engine_kwargs, kv_bytes_per_token, run_job
 from vllm_kvstream.policies import get_policy_class
+from vllm_kvstream.quant import QUANT_KEY, parse_quant
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class Run:
     cache: Cache | None
     params: dict | None
     options: str = ""
+    #: ``additional_config`` entries of ``--kv-quant`` (``{}``: unquantized).
+    quant: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -63,10 +66,21 @@ class Run:
         return name if self.cache is None else f"{name} {self.cache.label}"
 
 
+def split_quant_options(options: dict) -> tuple[dict, dict]:
+    """``(policy options, additional_config entries of --kv-quant)``: ``kv_quant=int4`` and
+    ``kv_quant.OPTION=VALUE`` (options of ``kv_quant_config``), validated here."""
+    policy_opts = {k: v for k, v in options.items() if k != QUANT_KEY and not k.startswith(QUANT_KEY + ".")}
+    method = options.get(QUANT_KEY)
+    qopts = {k[len(QUANT_KEY) + 1 :]: v for k, v in options.items() if k.startswith(QUANT_KEY + ".")}
+    quant = parse_quant(method, qopts or None)
+    return policy_opts, ({} if quant is None else quant.normalized())
+
+
 def parse_policy_spec(text: str) -> tuple[str, dict]:
     """``NAME[:KEY=VALUE...]``: a policy and options that override how it sizes itself to a
     cache (values read as JSON when they parse, as strings otherwise), e.g.
-    ``topk-importance:score=key-norm:decay=0.99``."""
+    ``topk-importance:score=key-norm:decay=0.99``; ``kv_quant=int4`` and
+    ``kv_quant.OPTION=VALUE`` quantize its KV blocks (``streaming-sink:kv_quant=int8``)."""
     name, *pairs = text.split(":")
     options: dict = {}
     for pair in pairs:
@@ -87,13 +101,14 @@ def plan_runs(policies: Sequence[str], caches: Sequence[Cache]) -> list[Run]:
     runs = []
     for spec in policies:
         name, options = parse_policy_spec(spec)
+        options, quant = split_quant_options(options)
         cls = get_policy_class(name)
         suffix = spec[len(name):]
         sized = [(c, cls.params_for_cache(c.sink_tokens, c.window_tokens)) for c in caches]
         if not sized or all(p is None for _, p in sized):
-            planned = [Run(name, None, dict(options), suffix)]
+            planned = [Run(name, None, dict(options), suffix, quant)]
         else:
-            planned = [Run(name, c, {**p, **options}, suffix) for c, p in sized]
+            planned = [Run(name, c, {**p, **options}, suffix, quant) for c, p in sized]
         for run in planned:
             cls.from_dict(run.params)  # validate now, not minutes later in an engine process
         runs.extend(planned)
@@ -116,7 +131,7 @@ def token_logprobs(
     policy = None if run is None else run.policy
     bounded = run is not None and run.cache is not None
     kw = engine_kwargs(model, policy, run.params if run else None, dtype=dtype, chunk=chunk, block_size=block_size,
-                       max_model_len=None if bounded else len(tokens) + 16)
+                       max_model_len=None if bounded else len(tokens) + 16, quant=run.quant if run else None)
     tokens_held = (run.cache.sink_tokens + run.cache.window_tokens + 4 * chunk) if bounded else len(tokens) + 2 * chunk
     gib = tokens_held * kv_bytes_per_token(model, dtype_bytes) / 2**30 + 0.5
     result = run_job(kw, {"kind": "prompt_logprobs", "tokens": list(tokens)}, kv_cache_gib=gib, progress=progress)
