@@ -2,7 +2,8 @@
 plugin, in one run.
 
 For stock vLLM (plugin inert) and each policy given, sized to a cache of 4 + 1020 tokens
-(``full``, ``streaming-sink``, ``topk-importance``, ...), a stream of
+(``full``, ``streaming-sink``, ``topk-importance``, ...; ``NAME+int8`` / ``NAME+int4`` with
+quantized KV blocks), a stream of
 L = 1x, 4x and 16x the cache size (1024 tokens) is prefilled and then decoded for
 ``--decode`` tokens. Printed per row, read from vLLM's block pool: the most blocks the
 request held while decoding, and the peak over the whole stream (prefill chunks included);
@@ -71,15 +72,18 @@ def run_one(args: argparse.Namespace) -> None:
               max_num_batched_tokens=args.chunk, enable_prefix_caching=False)
     if args.block_size:
         kw["block_size"] = args.block_size
-    if args.policy == "stock":
+    name, _, quant = args.policy.partition("+")
+    if name == "stock":
         kw["max_model_len"] = min(max(lengths), 8192)
     else:
         from vllm_kvstream.policies import get_policy_class
 
         # Every policy sized to the same cache of 4 + 1020 tokens, as it says it spends it.
-        params = get_policy_class(args.policy).params_for_cache(4, CACHE - 4) or {}
-        kw["additional_config"] = {"kv_policy": args.policy, "kv_policy_config": params}
-        if args.policy == "full":
+        params = get_policy_class(name).params_for_cache(4, CACHE - 4) or {}
+        kw["additional_config"] = {"kv_policy": name, "kv_policy_config": params}
+        if quant:
+            kw["additional_config"]["kv_quant"] = quant
+        if name == "full":
             kw["max_model_len"] = max(lengths) + 8
     llm = LLM(**kw)
     engine = llm.llm_engine

@@ -12,7 +12,7 @@ def test_methods_and_defaults():
     assert q.bits == 4 and q.config.sink_tokens == 4 and q.config.outlier_channels == 2
     assert parse_quant("int8").bits == 8
     assert parse_quant(None) is None
-    assert q.normalized() == {"kv_quant": "int4", "kv_quant_config": {"sink_tokens": 4, "outlier_channels": 2, "ema_decay": 0.99}}
+    assert q.normalized() == {"kv_quant": "int4", "kv_quant_config": {"sink_tokens": 4, "outlier_channels": 2, "ema_decay": 0.99, "key_scale": "channel", "key_rope": "pre"}}
 
 
 @pytest.mark.parametrize(
@@ -35,3 +35,10 @@ def test_quant_alone_means_policy_full_and_json_string_config():
     assert policy_from_additional_config(cfg).name == "full"
     assert quant_from_additional_config(cfg).config.outlier_channels == 0
     assert policy_from_additional_config({"kv_quant": "int4", "kv_policy": "streaming-sink"}).name == "streaming-sink"
+
+
+def test_ablation_knobs_validated():
+    q = parse_quant("int4", {"key_scale": "token", "key_rope": "post"})
+    assert "keys per token after RoPE" in q.describe() and "outlier" not in q.describe()
+    with pytest.raises(KVStreamConfigError, match="key_rope"):
+        parse_quant("int4", {"key_rope": "before"})

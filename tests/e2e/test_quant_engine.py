@@ -50,20 +50,26 @@ def test_quantized_close_to_unquantized_on_smollm2(smollm2):
 
     from vllm_kvstream.data.austen import austen_text
 
-    tokens = AutoTokenizer.from_pretrained(smollm2)(austen_text()[20000:40000])["input_ids"][:1200]
+    tokens = AutoTokenizer.from_pretrained(smollm2)(austen_text()[20000:40000])["input_ids"][:1000]
     job = {"prompts": [tokens], "sampling": {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}}
     runs = {}
-    for quant in (None, "int8", "int4"):
-        ac = policy_config("streaming-sink", sink_tokens=4, window_tokens=252)
-        if quant:
-            ac["kv_quant"] = quant
+    sink = policy_config("streaming-sink", sink_tokens=4, window_tokens=252)
+    topk = policy_config("topk-importance", budget_tokens=256, sink_tokens=4, recent_tokens=128, score="key-norm")
+    for name, ac, quant in (("sink", sink, None), ("sink", sink, "int8"), ("sink", sink, "int4"),
+                            ("topk", topk, None), ("topk", topk, "int8")):
+        ac = {**ac, "kv_quant": quant} if quant else ac
         engine = {"model": smollm2, "enforce_eager": True, "dtype": "float32", "block_size": 32, "seed": 0,
                   "max_num_batched_tokens": 512, "additional_config": ac}
-        runs[quant] = run_engine(engine, [job])["jobs"][0]["results"][0]["prompt_logprobs"][1:]
-    ppl = {q: math.exp(-sum(lps) / len(lps)) for q, lps in runs.items()}
-    drift = {q: sum(abs(a - b) for a, b in zip(runs[q], runs[None])) / len(runs[None]) for q in ("int8", "int4")}
+        runs[name, quant] = run_engine(engine, [job])["jobs"][0]["results"][0]["prompt_logprobs"][1:]
+    ppl = {key: math.exp(-sum(lps) / len(lps)) for key, lps in runs.items()}
+
+    def drift(name, quant):
+        return sum(abs(a - b) for a, b in zip(runs[name, quant], runs[name, None])) / len(runs[name, None])
+
     # Quantization happened and costs in the order of the bit width...
-    assert 0 < drift["int8"] < drift["int4"]
+    assert 0 < drift("sink", "int8") < drift("sink", "int4")
     # ...and stays small: a wrong scale, position or block would cost far more than this.
-    assert ppl["int8"] < 1.01 * ppl[None], ppl
-    assert ppl["int4"] < 1.05 * ppl[None], ppl
+    assert ppl["sink", "int8"] < 1.01 * ppl["sink", None], ppl
+    assert ppl["sink", "int4"] < 1.05 * ppl["sink", None], ppl
+    # topk-importance over quantized pages (blocks selected, contents moved as pages).
+    assert 0 < drift("topk", "int8") and ppl["topk", "int8"] < 1.01 * ppl["topk", None], ppl

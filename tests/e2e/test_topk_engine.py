@@ -72,3 +72,18 @@ def test_batch_equals_alone(tiny_model):
     for i, solo in enumerate(alone):
         assert batch["results"][i]["token_ids"] == solo["results"][0]["token_ids"], i
     assert batch["free_end"] == batch["free_start"]
+
+
+def test_with_kv_quant_int4_bounded_and_pool_recovers(tiny_model):
+    """topk-importance over quantized pages: the same bound, and kept contents that move
+    between blocks move as whole pages (the selection path runs every step)."""
+    rng = random.Random(6)
+    budget = TOPK["budget_tokens"]
+    stream = {"prompts": [[rng.randrange(100, 40000) for _ in range(16 * budget - 200)]],
+              "sampling": {"max_tokens": 200, "temperature": 0.0, "ignore_eos": True}}
+    engine = topk_engine(tiny_model)
+    engine["additional_config"] = {**engine["additional_config"], "kv_quant": "int4"}
+    done = run_engine(engine, [stream])["jobs"][0]
+    assert len(done["results"][0]["token_ids"]) == 200
+    assert 0 < done["peak_held_decode"][0] <= budget // BLOCK + 1
+    assert done["free_end"] == done["free_start"]

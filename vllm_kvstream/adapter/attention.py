@@ -217,7 +217,13 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         )
 
 
-class KVStreamImpl(AttentionImpl):
+class PolicyImplBase(AttentionImpl):
+    """What the plugin's attention implementations share: the features they refuse (named in
+    one error), the head geometry, the policy and the model's RoPE. ``_setup`` adds the rest."""
+
+    #: How the error names this implementation.
+    feature: ClassVar[str] = "KV policies"
+
     def __init__(
         self,
         num_heads: int,
@@ -244,7 +250,7 @@ class KVStreamImpl(AttentionImpl):
         bad = [name for name, present in unsupported.items() if present]
         if bad:
             raise NotImplementedError(
-                f"vllm-kvstream: KV policies do not support {', '.join(bad)} yet; "
+                f"vllm-kvstream: {self.feature} do not support {', '.join(bad)} yet; "
                 "supported: decoder attention with plain RoPE and kv_cache_dtype='auto'."
             )
         self.num_heads = num_heads
@@ -258,16 +264,26 @@ class KVStreamImpl(AttentionImpl):
             raise RuntimeError("vllm-kvstream: attention backend built without a KV policy in the config")
         from vllm.config import get_current_vllm_config_or_none
 
-        remember_engine_config(get_current_vllm_config_or_none())
+        self.engine_config = get_current_vllm_config_or_none()
+        remember_engine_config(self.engine_config)
         self.policy: KVPolicy = policy
         self._rope: Rope | None = None
-        self.stock = StockImpl(num_heads, head_size, scale, self.num_kv_heads, None, None, kv_cache_dtype, None, attn_type)
+        self._setup(kv_cache_dtype)
+
+    def _setup(self, kv_cache_dtype: str) -> None:
+        """Implementation-specific state (called at the end of ``__init__``)."""
 
     @property
     def rope(self) -> Rope:
         if self._rope is None:
             self._rope = recorded_rope()
         return self._rope
+
+
+class KVStreamImpl(PolicyImplBase):
+    def _setup(self, kv_cache_dtype: str) -> None:
+        n, d = self.num_heads, self.head_size
+        self.stock = StockImpl(n, d, self.scale, self.num_kv_heads, None, None, kv_cache_dtype, None, self.attn_type)
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         self.stock.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)

@@ -112,10 +112,10 @@ def prepare_engine_args(engine_args) -> None:
         return
     engine_args.additional_config = {**engine_args.additional_config, **normalized(policy)}
     if quant is not None:
-        if policy.selects_blocks:
+        if policy.selects_blocks and quant.config.key_rope != "pre":
             raise KVStreamConfigError(
-                f"--kv-quant {quant.method} is not supported with --kv-policy {policy.name!r} yet; "
-                "allowed with --kv-quant: full, sliding-window, streaming-sink"
+                f"kv_quant_config key_rope={quant.config.key_rope!r} is not supported with --kv-policy "
+                f"{policy.name!r}; allowed: 'pre'"
             )
         engine_args.additional_config.update(quant.normalized())
     if engine_args.kv_cache_dtype not in (None, "auto"):

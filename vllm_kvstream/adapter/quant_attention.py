@@ -1,5 +1,6 @@
 """Worker side of ``--kv-quant``: an attention backend over quantized pages, for every
-position-pattern policy (``full``, ``sliding-window``, ``streaming-sink``).
+policy: the position patterns (``full``, ``sliding-window``, ``streaming-sink``) here, and
+``topk-importance`` through :class:`QuantSelectionStore`.
 
 It owns its page layout (``kernels/kv_quant.py``: codes, scales, outlier channels and sink
 keys of one block and head together, so evicting a block frees its metadata too), so it
@@ -34,27 +35,25 @@ from typing import ClassVar
 
 import torch
 
-from vllm_kvstream.adapter.attention import KVStreamBackend, _max_query_tokens
+from vllm_kvstream.adapter.attention import KVStreamBackend, PolicyImplBase, _max_query_tokens
 from vllm_kvstream.adapter.compat import probe
 from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_spec, quant_layout
-from vllm_kvstream.adapter.rope import recorded_rope
-from vllm_kvstream.adapter.state import active_policy, active_quant, remember_engine_config
+from vllm_kvstream.adapter.selection import SelectionStore, SelectRequest
+from vllm_kvstream.adapter.state import active_policy, active_quant
 from vllm_kvstream.kernels import (
     QuantLayout,
     QuantStats,
     RequestSlice,
-    Rope,
     quant_read_ref,
     quant_write,
+    selected_attention_ref,
     sink_window_attention,
 )
 from vllm_kvstream.policies import AttentionPattern
 from vllm_kvstream.policies.base import cdiv
 
 _backend_mod = probe("vllm.v1.attention.backend")
-AttentionImpl = _backend_mod.AttentionImpl
 AttentionMetadataBuilder = _backend_mod.AttentionMetadataBuilder
-AttentionType = _backend_mod.AttentionType
 FullAttentionSpec = probe("vllm.v1.kv_cache_interface:FullAttentionSpec")
 
 QUANT_BACKEND_PATH = "vllm_kvstream.adapter.quant_attention.KVStreamQuantBackend"
@@ -90,6 +89,20 @@ class QuantStepMetadata:
     requests: list[RequestSlice]  # block_row indexes ``table``
     needed: torch.Tensor  # [m] physical blocks read this step
     table: torch.Tensor  # [R, max logical blocks] index into ``needed`` (0 where not needed)
+    #: Block-selecting policies (``topk-importance``): the store and this step's requests.
+    store: QuantSelectionStore | None = None
+    selection: list | None = None
+
+
+def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Absolute position of every query token of a step (request ``i``'s queries end at
+    ``seq_lens[i]``)."""
+    qsl = query_start_loc.to(torch.long)
+    n_query = qsl[1:] - qsl[:-1]
+    firsts = seq_lens.to(torch.long) - n_query
+    return torch.repeat_interleave(firsts, n_query) + (
+        torch.arange(int(n_query.sum())) - torch.repeat_interleave(qsl[:-1], n_query)
+    )
 
 
 def plan_quant_step(
@@ -104,11 +117,7 @@ def plan_quant_step(
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
     S, W = pattern.sink_tokens, pattern.window_tokens
-    n_query = torch.tensor([qsl[i + 1] - qsl[i] for i in range(len(lens))], dtype=torch.long)
-    firsts = torch.tensor(lens, dtype=torch.long) - n_query
-    positions = torch.repeat_interleave(firsts, n_query) + (
-        torch.arange(int(n_query.sum())) - torch.repeat_interleave(torch.tensor(qsl[:-1], dtype=torch.long), n_query)
-    )
+    positions = token_positions(query_start_loc, seq_lens)
     index: dict[int, int] = {}
     width = max((cdiv(L, block_size) for L in lens), default=0)
     table = torch.zeros(len(lens), max(width, 1), dtype=torch.long)
@@ -135,11 +144,17 @@ class KVStreamQuantBuilder(AttentionMetadataBuilder[QuantStepMetadata]):
         if not isinstance(kv_cache_spec, KVStreamAttentionSpec) or kv_cache_spec.quant is None:
             raise RuntimeError("vllm-kvstream: the quantized backend was given an unquantized KV spec")
         self.block_size = kv_cache_spec.block_size
-        self.pattern = kv_cache_spec.policy.pattern
+        policy = kv_cache_spec.policy
+        self.pattern = policy.pattern
+        self.store = (
+            QuantSelectionStore(policy, self.block_size, kv_cache_spec.quant_layout) if policy.selects_blocks else None
+        )
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> QuantStepMetadata:
         cm = common_attn_metadata
         n = cm.num_actual_tokens
+        if self.store is not None:
+            return self._build_selection(cm)
         positions, requests, needed, table = plan_quant_step(
             cm.query_start_loc_cpu[: cm.num_reqs + 1],
             cm.seq_lens.cpu()[: cm.num_reqs],
@@ -158,60 +173,94 @@ class KVStreamQuantBuilder(AttentionMetadataBuilder[QuantStepMetadata]):
         )
 
 
-class KVStreamQuantImpl(AttentionImpl):
-    def __init__(
-        self,
-        num_heads: int,
-        head_size: int,
-        scale: float,
-        num_kv_heads: int | None = None,
-        alibi_slopes: list[float] | None = None,
-        sliding_window: int | None = None,
-        kv_cache_dtype: str = "auto",
-        logits_soft_cap: float | None = None,
-        attn_type: str = AttentionType.DECODER,
-        kv_sharing_target_layer_name: str | None = None,
-        sinks: torch.Tensor | None = None,
-        **kwargs,
-    ) -> None:
-        unsupported = {
-            "alibi_slopes": alibi_slopes is not None,
-            "sliding_window (model-defined)": sliding_window is not None,
-            "logits_soft_cap": bool(logits_soft_cap),
-            "kv_sharing_target_layer_name": kv_sharing_target_layer_name is not None,
-            "learned attention sinks": sinks is not None,
-            f"kv_cache_dtype={kv_cache_dtype!r}": kv_cache_dtype != "auto",
-        }
-        bad = [name for name, present in unsupported.items() if present]
-        if bad:
-            raise NotImplementedError(
-                f"vllm-kvstream: --kv-quant does not support {', '.join(bad)}; "
-                "supported: decoder attention with plain RoPE and kv_cache_dtype='auto'."
-            )
-        policy, quant = active_policy(), active_quant()
-        if policy is None or quant is None:
+    def _build_selection(self, cm) -> QuantStepMetadata:
+        n = cm.num_actual_tokens
+        qsl_t = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+        seq_lens = cm.seq_lens.cpu()[: cm.num_reqs]
+        qsl = qsl_t.tolist()
+        table = cm.block_table_tensor.cpu()
+        requests = [
+            SelectRequest(q_start=qsl[i], q_end=qsl[i + 1], seq_len=L, row=tuple(table[i, : cdiv(L, self.block_size)].tolist()))
+            for i, L in enumerate(seq_lens.tolist())
+        ]
+        device = cm.block_table_tensor.device
+        empty = torch.zeros(0, dtype=torch.long)
+        return QuantStepMetadata(
+            num_actual_tokens=n,
+            positions=token_positions(qsl_t, seq_lens).to(device),
+            slots=cm.slot_mapping[:n].to(torch.long),
+            requests=[],
+            needed=empty,
+            table=empty,
+            store=self.store,
+            selection=self.store.begin_step(requests),
+        )
+
+
+class QuantSelectionStore(SelectionStore):
+    """``topk-importance`` over quantized pages: the selection logic of
+    :class:`~vllm_kvstream.adapter.selection.SelectionStore` unchanged, through its layout hooks.
+
+    Per layer and step, the blocks the step's requests hold (the only ones a selection can
+    point at) are dequantized once into a small dense cache, their keys rotated at the
+    absolute positions of the content they hold (a block may hold another logical block's
+    content, moved there); attention and key norms then run the float32 selection reference
+    on it. Moving a kept block's content is a copy of its whole page: codes, scales, outlier
+    channels and sink keys travel together, and pre-RoPE keys need no re-rotation.
+    """
+
+    def __init__(self, policy, block_size: int, layout: QuantLayout) -> None:
+        super().__init__(policy, block_size, batch_decode=False)
+        self.layout = layout
+        self._ids: dict[int, int] = {}
+        self._dense: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def run(self, layer_name, query, kv_cache, step, *, scale, rope, out) -> None:
+        bs = self.block_size
+        phys, logical = [], []
+        for req, state in step:
+            layer = state.layers.get(layer_name)
+            holder = {p: lb for lb, p in layer.moved.items()} if layer is not None else {}
+            first, last = self.policy.freeable_block_range(req.first_pos, bs)
+            for j in (*range(first), *range(last, cdiv(req.seq_len, bs))):
+                p = req.row[j]
+                phys.append(p)
+                logical.append(holder.get(p, j))
+        neox = rope.is_neox_style if rope is not None else True
+        k, v = quant_read_ref(kv_cache, torch.tensor(phys, dtype=torch.long), self.layout, is_neox_style=neox)
+        if rope is not None:  # cached keys are pre-RoPE; the selection path wants them at their positions
+            m, h, _, d = k.shape
+            pos = (torch.tensor(logical)[:, None] * bs + torch.arange(bs)[None, :]).reshape(-1)
+            tokens = rope.rotate(k.permute(0, 2, 1, 3).reshape(m * bs, h, d), pos)
+            k = tokens.view(m, bs, h, d).permute(0, 2, 1, 3)
+        self._ids = {p: i for i, p in enumerate(phys)}
+        self._dense = (k, v)
+        try:
+            super().run(layer_name, query, kv_cache, step, scale=scale, rope=rope, out=out)
+        finally:
+            self._dense = None
+
+    def _key_view(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        return self._dense[0]
+
+    def _read_ids(self, physical: list[int]) -> torch.Tensor:
+        return torch.tensor([self._ids[p] for p in physical], dtype=torch.long)
+
+    def _selected_attention(self, query, kv_cache, blocks, logical, **kwargs) -> torch.Tensor:
+        return selected_attention_ref(query, self._dense[0], self._dense[1], blocks, logical, **kwargs)
+
+
+class KVStreamQuantImpl(PolicyImplBase):
+    feature = "--kv-quant"
+
+    def _setup(self, kv_cache_dtype: str) -> None:
+        quant = active_quant()
+        if quant is None:
             raise RuntimeError("vllm-kvstream: quantized attention backend built without --kv-quant in the config")
-        from vllm.config import get_current_vllm_config_or_none
-
-        config = get_current_vllm_config_or_none()
-        remember_engine_config(config)
-        self.num_heads = num_heads
-        self.head_size = head_size
-        self.scale = float(scale)
-        self.num_kv_heads = num_kv_heads or num_heads
-        self.attn_type = attn_type
-        self.kv_sharing_target_layer_name = None
-        self.pattern = policy.pattern
+        self.pattern = self.policy.pattern
         self.quant = quant
-        self.layout: QuantLayout = quant_layout(quant, head_size, config.cache_config.block_size)
+        self.layout: QuantLayout = quant_layout(quant, self.head_size, self.engine_config.cache_config.block_size)
         self.stats: QuantStats | None = None
-        self._rope: Rope | None = None
-
-    @property
-    def rope(self) -> Rope:
-        if self._rope is None:
-            self._rope = recorded_rope()
-        return self._rope
 
     def pages(self, kv_cache: torch.Tensor) -> torch.Tensor:
         """vLLM's ``[blocks, heads, block_size, bytes per token]`` view as the layout's
@@ -243,10 +292,13 @@ class KVStreamQuantImpl(AttentionImpl):
             else:
                 slots, pos = md.slots, positions
             quant_write(k, v, pages, slots, pos, self.stats, self.layout, is_neox_style=rope.is_neox_style)
-        if not md.requests:
-            return output
         query = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        if md.selection is not None:  # the query as the model rotated it (the selection path's contract)
+            md.store.run(layer.layer_name, query, pages, md.selection, scale=self.scale, rope=rope, out=out)
+            return output
+        if not md.requests:
+            return output
         k_all, v_all = quant_read_ref(pages, md.needed, self.layout, is_neox_style=rope.is_neox_style)
         # Keys cached before RoPE: the query back to unrotated too, both rotated at cache positions.
         q = query if post else rope.rotate(query.float(), -positions)

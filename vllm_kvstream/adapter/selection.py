@@ -174,13 +174,25 @@ class SelectionStore:
                 continue
             layer.plan = None
             if key_cache is None:
-                key_cache, _ = split_cpu_kv_cache(kv_cache)
+                key_cache = self._key_view(kv_cache)
             self._attend(layer, req, query, kv_cache, key_cache, scale=scale, rope=rope, out=out)
             self._score_complete(layer, req, key_cache, req.seq_len)
             layer.selection.evict(req.seq_len)
             self._relocate(layer, req, kv_cache)
         if steady:
             self._decode_steady(steady, query, kv_cache, scale=scale, rope=rope, out=out)
+
+    # Hooks over the cache layout (vLLM's CPU layout here; quantized pages in
+    # ``quant_attention.QuantSelectionStore``): the keys for norms, the ids attention reads,
+    # and attention over kept blocks.
+    def _key_view(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        return split_cpu_kv_cache(kv_cache)[0]
+
+    def _read_ids(self, physical: list[int]) -> torch.Tensor:
+        return torch.tensor(physical)
+
+    def _selected_attention(self, query, kv_cache, blocks, logical, **kwargs) -> torch.Tensor:
+        return selected_attention(query, kv_cache, blocks, logical, **kwargs)
 
     def _decode_steady(self, steady, query, kv_cache, *, scale, rope, out) -> None:
         """Steady decode steps (:meth:`_is_steady`) of every request at once: one batched
@@ -235,10 +247,10 @@ class SelectionStore:
             sel.evict(a)
             sel.extend(b)
             kept = sel.kept
-            phys = torch.tensor([layer.location(lb, req.row) for lb in kept])
+            phys = self._read_ids([layer.location(lb, req.row) for lb in kept])
             lo = req.q_start + (a - req.first_pos)
             hi = lo + (b - a)
-            mass = selected_attention(
+            mass = self._selected_attention(
                 query[lo:hi], kv_cache, phys, torch.tensor(kept),
                 num_tokens=b, first_pos=a, scale=scale, rope=rope, decay=decay, out=out[lo:hi],
             )
@@ -253,7 +265,7 @@ class SelectionStore:
         sel = layer.selection
         todo = [lb for lb in sel.kept if (lb + 1) * self.block_size <= num_tokens and lb not in sel.scores]
         if todo:
-            norms = block_key_norms(key_cache, torch.tensor([layer.location(lb, req.row) for lb in todo]))
+            norms = block_key_norms(key_cache, self._read_ids([layer.location(lb, req.row) for lb in todo]))
             sel.set_scores({lb: -float(x) for lb, x in zip(todo, norms)})
 
     def _relocate(self, layer: LayerSelection, req: SelectRequest, kv_cache: torch.Tensor) -> None:
