@@ -331,10 +331,10 @@ def quant_write_ref(
         off = offsets[sel]
         kb, vb, sink_b = k[sel], v[sel], is_sink[sel]
         first = int(off.min())
+        if first == 0:  # the block starts here: its sink section cleared (the zero code at 8 bits)
+            view.sink_k[b] = 128
+            view.sink_scale[b] = 0.0
         if L.key_scale == "token":
-            if first == 0:
-                view.sink_k[b] = 128
-                view.sink_scale[b] = 0.0
             k_abs = kb.abs().amax(dim=-1)  # [n, H]
             view.k_scale[b, :, off] = k_abs.half().t()
             codes = _encode(kb, k_abs.half().float()[..., None], qmax)
@@ -357,13 +357,11 @@ def quant_write_ref(
 def _write_channel_keys(view, b, off, first, kb, sink_b, stats, L: QuantLayout, neox: bool) -> None:
     """Keys of one block's write with per-channel scales (the method, see the module docstring)."""
     new_abs = kb[~sink_b].abs().amax(dim=0) if bool((~sink_b).any()) else torch.zeros_like(stats.ema_absmax)
-    if first == 0:  # the block starts here: scales from the EMA, extras cleared
+    if first == 0:  # the block starts here: scales from the EMA, outlier channels chosen
         whole = len(off) == L.block_size and bool((~sink_b).any())
         # Written whole (a prefill chunk): its own absmax is the scale. Started by a partial
         # write (decode): the EMA predicts what the rest of the block will need.
         absmax = (new_abs if whole else torch.maximum(stats.ema_absmax, new_abs)).half().float()
-        view.sink_k[b] = 128  # the zero code at 8 bits
-        view.sink_scale[b] = 0.0
         if L.n_out:
             view.out_idx[b] = torch.topk(absmax, L.n_out, dim=-1).indices.to(torch.uint8)
     else:

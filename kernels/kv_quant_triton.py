@@ -132,20 +132,11 @@ def quant_decode_attention(
     return out
 
 
-def quant_write(
-    key_pre: torch.Tensor,
-    value: torch.Tensor,
-    cache: torch.Tensor,
-    slots: torch.Tensor,
-    positions: torch.Tensor,
-    stats: QuantStats,
-    layout: QuantLayout,
-    *,
-    is_neox_style: bool = True,
-) -> None:
-    """Dispatcher of the store: :func:`quant_store` (Triton) on CUDA, the float32 reference
-    :func:`~vllm_kvstream.kernels.kv_quant.quant_write_ref` elsewhere (the CPU path)."""
+def quant_write(key_pre: torch.Tensor, *args, is_neox_style: bool = True) -> None:
+    """Dispatcher of the store, :func:`quant_store`'s arguments: the Triton kernel on CUDA, the
+    float32 reference :func:`~vllm_kvstream.kernels.kv_quant.quant_write_ref` elsewhere (the
+    CPU path; keys already pre-RoPE, so no rope)."""
     if key_pre.is_cuda:
-        quant_store(key_pre, value, cache, slots, positions, stats, layout, is_neox_style=is_neox_style)
+        quant_store(key_pre, *args, is_neox_style=is_neox_style)
     else:
-        quant_write_ref(key_pre, value, cache, slots, positions, stats, layout, rope=None, is_neox_style=is_neox_style)
+        quant_write_ref(key_pre, *args, rope=None, is_neox_style=is_neox_style)

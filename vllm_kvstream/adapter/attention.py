@@ -43,7 +43,7 @@ import torch
 from vllm_kvstream.adapter.compat import probe
 from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_spec
 from vllm_kvstream.adapter.rope import recorded_rope
-from vllm_kvstream.adapter.selection import SelectionStore, SelectRequest
+from vllm_kvstream.adapter.selection import SelectionStore, select_requests
 from vllm_kvstream.adapter.state import active_policy, active_quant, current_config, policy_for, remember_engine_config
 from vllm_kvstream.kernels import (
     DecodePlan,
@@ -123,7 +123,7 @@ class KVStreamBackend(AttentionBackend):
             return spec
         if spec.block_size == 1:  # per-token page-size probes by the platform
             return spec
-        return make_spec(spec, policy, _max_query_tokens())
+        return make_spec(spec, policy, _max_query_tokens(), active_quant())
 
 
 @dataclass
@@ -200,12 +200,9 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
     def _build_selection(self, cm, seq_lens: torch.Tensor) -> KVStreamMetadata:
         """Every step of a block-selecting policy runs the selection path: scores accrue from
         the first query on (H2O counts them all)."""
-        qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1].tolist()
-        table = cm.block_table_tensor.cpu()
-        requests = []
-        for i, seq_len in enumerate(seq_lens.tolist()):
-            row = tuple(table[i, : -(-seq_len // self.block_size)].tolist())
-            requests.append(SelectRequest(q_start=qsl[i], q_end=qsl[i + 1], seq_len=seq_len, row=row))
+        requests = select_requests(
+            cm.query_start_loc_cpu[: cm.num_reqs + 1], seq_lens, cm.block_table_tensor.cpu(), self.block_size
+        )
         return KVStreamMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             stock=None,

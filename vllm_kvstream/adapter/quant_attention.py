@@ -35,11 +35,11 @@ from typing import ClassVar
 
 import torch
 
-from vllm_kvstream.adapter.attention import KVStreamBackend, PolicyImplBase, _max_query_tokens
+from vllm_kvstream.adapter.attention import KVStreamBackend, PolicyImplBase
 from vllm_kvstream.adapter.compat import probe
-from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_spec, quant_layout
-from vllm_kvstream.adapter.selection import SelectionStore, SelectRequest
-from vllm_kvstream.adapter.state import active_policy, active_quant
+from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, quant_layout
+from vllm_kvstream.adapter.selection import SelectionStore, select_requests
+from vllm_kvstream.adapter.state import active_quant
 from vllm_kvstream.kernels import (
     QuantLayout,
     QuantStats,
@@ -54,7 +54,6 @@ from vllm_kvstream.policies.base import cdiv
 
 _backend_mod = probe("vllm.v1.attention.backend")
 AttentionMetadataBuilder = _backend_mod.AttentionMetadataBuilder
-FullAttentionSpec = probe("vllm.v1.kv_cache_interface:FullAttentionSpec")
 
 QUANT_BACKEND_PATH = "vllm_kvstream.adapter.quant_attention.KVStreamQuantBackend"
 
@@ -70,15 +69,6 @@ class KVStreamQuantBackend(KVStreamBackend):
     @staticmethod
     def get_builder_cls():
         return KVStreamQuantBuilder
-
-    @classmethod
-    def customize_spec(cls, spec):
-        policy, quant = active_policy(), active_quant()
-        if policy is None or quant is None or type(spec) is not FullAttentionSpec:
-            return spec
-        if spec.block_size == 1:  # per-token page-size probes by the platform
-            return spec
-        return make_spec(spec, policy, _max_query_tokens(), quant)
 
 
 @dataclass
@@ -172,17 +162,11 @@ class KVStreamQuantBuilder(AttentionMetadataBuilder[QuantStepMetadata]):
             table=table.to(device),
         )
 
-
     def _build_selection(self, cm) -> QuantStepMetadata:
         n = cm.num_actual_tokens
         qsl_t = cm.query_start_loc_cpu[: cm.num_reqs + 1]
         seq_lens = cm.seq_lens.cpu()[: cm.num_reqs]
-        qsl = qsl_t.tolist()
-        table = cm.block_table_tensor.cpu()
-        requests = [
-            SelectRequest(q_start=qsl[i], q_end=qsl[i + 1], seq_len=L, row=tuple(table[i, : cdiv(L, self.block_size)].tolist()))
-            for i, L in enumerate(seq_lens.tolist())
-        ]
+        requests = select_requests(qsl_t, seq_lens, cm.block_table_tensor.cpu(), self.block_size)
         device = cm.block_table_tensor.device
         empty = torch.zeros(0, dtype=torch.long)
         return QuantStepMetadata(

@@ -68,6 +68,18 @@ class SelectRequest:
         return self.seq_len - (self.q_end - self.q_start)
 
 
+def select_requests(
+    query_start_loc: torch.Tensor, seq_lens: torch.Tensor, block_table: torch.Tensor, block_size: int
+) -> list[SelectRequest]:
+    """A step's requests as the store takes them (CPU tensors: ``query_start_loc`` ``[R + 1]``,
+    ``seq_lens`` ``[R]``, ``block_table`` rows ``[R, ...]``)."""
+    qsl = query_start_loc.tolist()
+    return [
+        SelectRequest(q_start=qsl[i], q_end=qsl[i + 1], seq_len=L, row=tuple(block_table[i, : cdiv(L, block_size)].tolist()))
+        for i, L in enumerate(seq_lens.tolist())
+    ]
+
+
 @dataclass
 class LayerSelection:
     selection: BlockSelection
