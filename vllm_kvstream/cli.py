@@ -2,6 +2,7 @@
 
     vllm-kvstream eval ppl      [--model DIR] [--text austen|FILE] [--policies ...] [--caches 4+252,...]
     vllm-kvstream eval passkey  [--model DIR] [--lengths ...] [--depths ...] [--policies ...] [--caches ...]
+    vllm-kvstream compare       [--model DIR] [--policies stock,full,...] [--kv-memory-mib M] [--concurrency 1,2,4,8]
 
 Every policy name the registry knows is accepted; each runs at every cache size given
 (``S+W`` tokens; a policy states how it spends that budget in ``params_for_cache``), and a
@@ -72,6 +73,30 @@ def build_parser() -> argparse.ArgumentParser:
     pk.add_argument("--depths", type=_csv(float), default=[0.1, 0.3, 0.5, 0.7, 0.9])
     pk.add_argument("--trials", type=int, default=2)
     pk.add_argument("--seed", type=int, default=0)
+
+    from vllm_kvstream.compare import DEFAULT_POLICIES, LOCUSTFILE
+
+    cp = sub.add_parser("compare", help="policies under the same locust load at equal KV memory: a report with charts")
+    cp.add_argument("--model", default=None, help="Hugging Face model folder (default: the prepared SmolLM2-135M-Instruct)")
+    cp.add_argument("--policies", type=_csv(str), default=list(DEFAULT_POLICIES),
+                    help="comma-separated: 'stock' (vLLM without the plugin's flags) and policies "
+                         f"NAME[:KEY=VALUE...] as eval takes them (default: {','.join(DEFAULT_POLICIES)})")
+    cp.add_argument("--cache", default="4+508", help="cache budget SINK+WINDOW of the bounded policies")
+    cp.add_argument("--kv-memory-mib", type=int, default=256, help="KV memory of every server (--kv-cache-memory-bytes)")
+    cp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    cp.add_argument("--block-size", type=int, default=128)
+    cp.add_argument("--chunk", type=int, default=256, help="prefill chunk (max_num_batched_tokens): the window W")
+    cp.add_argument("--max-num-seqs", type=int, default=64)
+    cp.add_argument("--concurrency", type=_csv(int), default=[1, 2, 4, 8], help="concurrent long streams per level")
+    cp.add_argument("--lengths", type=_csv(int), default=[512, 1024, 2048, 4096],
+                    help="prompt lengths of the one-at-a-time sweep the analytical model is fitted to")
+    cp.add_argument("--long-prompt-tokens", type=int, default=2048, help="prompt tokens of the concurrent streams")
+    cp.add_argument("--output-tokens", type=int, default=64, help="output tokens per stream (pinned)")
+    cp.add_argument("--stage-seconds", type=float, default=600.0, help="time bound of each locust run")
+    cp.add_argument("--text", default="austen", help="prompt text: 'austen' or a UTF-8 file")
+    cp.add_argument("--locustfile", type=Path, default=LOCUSTFILE)
+    cp.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
+    cp.add_argument("--out", type=Path, default=Path("kvstream-compare"))
     return ap
 
 
@@ -165,12 +190,35 @@ def cmd_passkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from vllm_kvstream.compare import compare
+
+    for name in ("kv_memory_mib", "block_size", "chunk", "max_num_seqs", "long_prompt_tokens", "output_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    for name in ("concurrency", "lengths"):
+        bad = [v for v in getattr(args, name) if v < 1]
+        if bad or not getattr(args, name):
+            raise ValueError(f"--{name} {getattr(args, name)} must be a non-empty list of integers >= 1")
+    if not args.locustfile.is_file():
+        raise ValueError(f"--locustfile {str(args.locustfile)!r} is not a file")
+    try:
+        report = compare(args, _model(args.model))
+    except RuntimeError as exc:  # a server that did not start: its log is named
+        sys.stderr.write(f"vllm-kvstream compare: {exc}\n")
+        return 1
+    sys.stdout.write(report.read_text())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     from vllm_kvstream.errors import KVStreamConfigError
 
     try:
+        if args.command == "compare":
+            return cmd_compare(args)
         if args.command == "eval" and args.eval == "ppl":
             return cmd_ppl(args)
         return cmd_passkey(args)

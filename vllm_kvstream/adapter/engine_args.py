@@ -16,7 +16,8 @@ Monkeypatches, written down:
   stops a stream, and allows it past the model's trained length (safe: positions inside the
   cache never exceed sink + window). After vLLM's own checks it verifies the policy against
   the block size and the model's trained context. Removable when vLLM lets a KV-cache spec
-  declare that it bounds positions (and so ``max_model_len``).
+  declare that it bounds positions (and so ``max_model_len``). The same wrapper starts the
+  engine's plugin metrics (``adapter/metrics.py``), once its config is known.
 """
 
 from __future__ import annotations
@@ -192,6 +193,13 @@ def patch_engine_args() -> None:
         prepare_engine_args(self)
         vllm_config = orig_create(self, *args, **kwargs)
         check_engine_config(vllm_config)
+        from vllm_kvstream.adapter.metrics import start_engine_metrics
+
+        start_engine_metrics(
+            vllm_config,
+            policy_from_additional_config(vllm_config.additional_config),
+            quant_from_additional_config(vllm_config.additional_config),
+        )
         return vllm_config
 
     EngineArgs.add_cli_args = staticmethod(add_cli_args)

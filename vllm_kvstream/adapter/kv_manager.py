@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from vllm_kvstream.adapter.compat import probe
+from vllm_kvstream.adapter.metrics import StreamTracker
 from vllm_kvstream.errors import KVStreamConfigError
 from vllm_kvstream.kernels import QuantLayout
 from vllm_kvstream.policies import KVPolicy, build_policy
@@ -136,11 +137,39 @@ class KVStreamManager(FullAttentionManager):
             # vLLM passes an admission cap only to its own recycling specs; this spec recycles
             # too, so cap admission by the same bound start-up sizing used.
             self.max_admission_blocks_per_request = kv_cache_spec.max_blocks_per_request(1 << 62)
+        self.tracker = StreamTracker()  # the plugin's /metrics (adapter/metrics.py)
 
     def _free_outside_policy(self, request_id: str, processed_tokens: int) -> None:
         first, last = self.policy.freeable_block_range(processed_tokens, self.block_size)
         if last > first:
+            if self.tracker.on:
+                self.tracker.evicted_blocks(request_id, self._live_blocks_in_range(request_id, first, last))
             self._remove_blocks_in_range(request_id, first, last)
+
+    def _live_blocks_in_range(self, request_id: str, first: int, last: int) -> int:
+        """Blocks ``_remove_blocks_in_range(first, last)`` is about to free: it walks back from
+        ``last`` and stops at the first null."""
+        blocks = self.req_to_blocks.get(request_id, ())
+        n = 0
+        for i in range(min(last, len(blocks)) - 1, first - 1, -1):
+            if blocks[i].is_null:
+                break
+            n += 1
+        return n
+
+    def allocate_new_blocks(self, request_id: str, num_tokens: int, *args, **kwargs):
+        before = len(self.req_to_blocks.get(request_id, ()))
+        new = super().allocate_new_blocks(request_id, num_tokens, *args, **kwargs)
+        if self.tracker.on:
+            after = len(self.req_to_blocks[request_id])
+            self.tracker.allocated(request_id, after, after - before, num_tokens)
+        return new
+
+    def pop_blocks_for_free(self, request_id: str):
+        blocks = super().pop_blocks_for_free(request_id)
+        if self.tracker.on:
+            self.tracker.freed(request_id, len(blocks))
+        return blocks
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None) -> None:
         self._free_outside_policy(request_id, processed_computed_tokens)
@@ -149,6 +178,9 @@ class KVStreamManager(FullAttentionManager):
         super().add_local_computed_blocks(
             request_id, new_computed_blocks, num_local_computed_tokens, num_external_computed_tokens
         )
+        if self.tracker.on:  # a prefix-cache hit: its blocks are held from here
+            row = len(self.req_to_blocks[request_id])
+            self.tracker.allocated(request_id, row, row, num_local_computed_tokens + num_external_computed_tokens)
         self._free_outside_policy(request_id, num_local_computed_tokens + num_external_computed_tokens)
 
     def cache_blocks(self, request, num_tokens: int, *args, **kwargs) -> None:

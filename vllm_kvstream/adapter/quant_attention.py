@@ -37,6 +37,7 @@ import torch
 
 from vllm_kvstream.adapter.attention import KVStreamBackend, PolicyImplBase
 from vllm_kvstream.adapter.compat import probe
+from vllm_kvstream.adapter.metrics import QuantWriteMeter
 from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, quant_layout
 from vllm_kvstream.adapter.selection import SelectionStore, select_requests
 from vllm_kvstream.adapter.state import active_quant
@@ -245,6 +246,7 @@ class KVStreamQuantImpl(PolicyImplBase):
         self.quant = quant
         self.layout: QuantLayout = quant_layout(quant, self.head_size, self.engine_config.cache_config.block_size)
         self.stats: QuantStats | None = None
+        self.meter: QuantWriteMeter | None = None
 
     def pages(self, kv_cache: torch.Tensor) -> torch.Tensor:
         """vLLM's ``[blocks, heads, block_size, bytes per token]`` view as the layout's
@@ -276,6 +278,9 @@ class KVStreamQuantImpl(PolicyImplBase):
             else:
                 slots, pos = md.slots, positions
             quant_write(k, v, pages, slots, pos, self.stats, self.layout, is_neox_style=rope.is_neox_style)
+            if self.meter is None:
+                self.meter = QuantWriteMeter(layer.layer_name)
+            self.meter.record(len(slots), self.stats)
         query = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         if md.selection is not None:  # the query as the model rotated it (the selection path's contract)
