@@ -6,7 +6,16 @@ import math
 
 import pytest
 
-from vllm_kvstream.compare import Stage, fit_window_model, parse_metrics, plan_serve_runs, write_report
+from vllm_kvstream.compare import (
+    Stage,
+    cache_tokens_of,
+    fit_context_model,
+    fit_window_model,
+    parse_metrics,
+    plan_serve_runs,
+    rebuild_report,
+    write_report,
+)
 from vllm_kvstream.errors import KVStreamConfigError
 from vllm_kvstream.eval.ppl import Cache
 
@@ -46,6 +55,18 @@ def test_fit_reports_the_error_of_a_curve_it_cannot_follow():
     assert fit_window_model(256, []) is None
     one = fit_window_model(256, [(512, 2.0)])
     assert one.l_w == pytest.approx(1.0) and one.t_comm == 0.0
+
+
+def test_context_model_follows_full_attention_and_a_bounded_cache():
+    samples = [(t, 0.001 * t + 1e-6 * t * t) for t in (512, 1024, 2048, 4096)]
+    full = fit_context_model(256, None, samples)
+    assert full.mean_abs_error == pytest.approx(0.0, abs=1e-6)
+    assert full.c_att == pytest.approx(2e-6) and full.c_ff == pytest.approx(0.001 - 2e-6 * 128)
+    # A bounded cache: past the cache every window costs the same, so the time is linear in T.
+    bounded = fit_context_model(256, 512, [(t, 0.5 * math.ceil(t / 256)) for t in (1024, 2048, 4096)])
+    assert bounded.mean_abs_error < 0.01
+    assert cache_tokens_of("stock", "4+508") is None and cache_tokens_of("full", "4+508") is None
+    assert cache_tokens_of("streaming-sink:kv_quant=int4 4+508", "4+508") == 512
 
 
 def test_parse_metrics_sums_label_sets():
@@ -98,3 +119,6 @@ def test_report_shows_sustained_streams_and_model_error(tmp_path):
         assert (tmp_path / png).stat().st_size > 1000
     data = json.loads((tmp_path / "results.json").read_text())
     assert len(data["stages"]) == len(stages) and data["fits"]["stock"]["window"] == 256
+    assert data["context_fits"]["streaming-sink 4+508"]["cache_tokens"] == 512
+    (tmp_path / "report.md").unlink()
+    assert rebuild_report(tmp_path).read_text() == report

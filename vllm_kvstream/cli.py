@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--locustfile", type=Path, default=LOCUSTFILE)
     cp.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction, default=True)
     cp.add_argument("--out", type=Path, default=Path("kvstream-compare"))
+    cp.add_argument("--report-only", action="store_true",
+                    help="rebuild report.md and the charts from OUT/results.json without running anything")
     return ap
 
 
@@ -191,8 +193,13 @@ def cmd_passkey(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from vllm_kvstream.compare import compare
+    from vllm_kvstream.compare import compare, rebuild_report
 
+    if args.report_only:
+        if not (args.out / "results.json").is_file():
+            raise ValueError(f"--report-only needs {str(args.out / 'results.json')!r} (from an earlier run with --out {args.out})")
+        sys.stdout.write(rebuild_report(args.out).read_text())
+        return 0
     for name in ("kv_memory_mib", "block_size", "chunk", "max_num_seqs", "long_prompt_tokens", "output_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")

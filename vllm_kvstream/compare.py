@@ -140,6 +140,12 @@ class Sampler(threading.Thread):
         return dict(self.peaks)
 
 
+def max_model_len(args) -> int:
+    """The longest stream of the run (a bound for every policy, so stock vLLM starts in a KV
+    memory smaller than the model's trained context)."""
+    return max([*args.lengths, args.long_prompt_tokens]) + args.output_tokens + 16
+
+
 class Server:
     """``vllm serve`` on 127.0.0.1 for one policy; output to ``log_path``."""
 
@@ -151,7 +157,8 @@ class Server:
             vllm, "serve", model, "--served-model-name", "model", "--host", "127.0.0.1", "--port", str(self.port),
             "--dtype", args.dtype, "--block-size", str(args.block_size), "--max-num-batched-tokens", str(args.chunk),
             "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-memory-bytes", str(args.kv_memory_mib * 2**20),
-            "--no-enable-prefix-caching", *(["--enforce-eager"] if args.enforce_eager else []), *run.flags,
+            "--max-model-len", str(max_model_len(args)),
+            "--no-enable-prefix-caching", "--disable-uvicorn-access-log", *(["--enforce-eager"] if args.enforce_eager else []), *run.flags,
         ]
         self.log_path = log_path
         self.proc: subprocess.Popen | None = None
@@ -220,6 +227,8 @@ def run_stage(server: Server, policy: str, stage: str, c: int, prompt_tokens: in
     duration = time.perf_counter() - t0
     peaks = sampler.stop()
     after = scrape(server.url)
+    for extra in ("_stats_history.csv", "_exceptions.csv"):  # kept: the stats, failures and records
+        (out / "runs" / f"{tag}{extra}").unlink(missing_ok=True)
     recs = read_records(records) if records.exists() else []
     summary = summarize(recs, duration)
     summary["not_ended"] = c - len(recs)
@@ -294,6 +303,79 @@ def fit_window_model(window: int, samples: Sequence[tuple[int, float]]) -> Windo
     return fit
 
 
+def _nnls2(xs: Sequence[tuple[float, float]], ys: Sequence[float]) -> tuple[float, float]:
+    """Least squares ``y ~ a x0 + b x1`` with ``a, b >= 0`` (two unknowns, closed form)."""
+    s00 = sum(x0 * x0 for x0, _ in xs)
+    s11 = sum(x1 * x1 for _, x1 in xs)
+    s01 = sum(x0 * x1 for x0, x1 in xs)
+    s0y = sum(x0 * y for (x0, _), y in zip(xs, ys))
+    s1y = sum(x1 * y for (_, x1), y in zip(xs, ys))
+    det = s00 * s11 - s01 * s01
+    if det > 1e-12 * max(s00 * s11, 1e-300):
+        a, b = (s0y * s11 - s1y * s01) / det, (s00 * s1y - s01 * s0y) / det
+        if a >= 0 and b >= 0:
+            return a, b
+    only_a = (max(s0y / s00, 0.0), 0.0) if s00 else (0.0, 0.0)
+    only_b = (0.0, max(s1y / s11, 0.0)) if s11 else (0.0, 0.0)
+
+    def sse(ab):
+        return sum((ab[0] * x0 + ab[1] * x1 - y) ** 2 for (x0, x1), y in zip(xs, ys))
+
+    return min(only_a, only_b, key=sse)
+
+
+@dataclass
+class ContextModelFit:
+    """The window model with attention over what the cache holds (a refinement, beside the
+    seed's): window ``i`` of ``w_i`` tokens attends to itself and to the ``ctx_i`` tokens cached
+    before it (``i W`` for full attention, ``min(i W, cache)`` for a bounded cache), so
+    ``L_total = sum_i C_att w_i (ctx_i + w_i) + C_ff w_i``."""
+
+    window: int
+    cache_tokens: int | None
+    c_att: float
+    c_ff: float
+    points: list[dict]
+
+    def features(self, tokens: int) -> tuple[float, float]:
+        att, i = 0.0, 0
+        while i * self.window < tokens:
+            w = min(self.window, tokens - i * self.window)
+            ctx = i * self.window if self.cache_tokens is None else min(i * self.window, self.cache_tokens)
+            att += w * (ctx + w)
+            i += 1
+        return att, float(tokens)
+
+    def predict(self, tokens: int) -> float:
+        a, b = self.features(tokens)
+        return self.c_att * a + self.c_ff * b
+
+    @property
+    def mean_abs_error(self) -> float:
+        return sum(abs(p["error"]) for p in self.points) / len(self.points) if self.points else math.nan
+
+
+def fit_context_model(window: int, cache_tokens: int | None, samples: Sequence[tuple[int, float]]) -> ContextModelFit | None:
+    pts = [(t, y) for t, y in samples if y == y and y > 0]
+    if not pts:
+        return None
+    fit = ContextModelFit(window, cache_tokens, 0.0, 0.0, [])
+    fit.c_att, fit.c_ff = _nnls2([fit.features(t) for t, _ in pts], [y for _, y in pts])
+    for t, y in pts:
+        pred = fit.predict(t)
+        fit.points.append({"tokens": t, "measured_s": y, "predicted_s": pred, "error": (pred - y) / y})
+    return fit
+
+
+def cache_tokens_of(label: str, cache: str) -> int | None:
+    """Tokens a policy's cache holds (``None``: unbounded, ``stock`` and ``full``)."""
+    name = label.split()[0].split(":")[0]
+    if name in ("stock", "full"):
+        return None
+    sink, window = (int(x) for x in cache.split("+"))
+    return sink + window
+
+
 # --- the report ---------------------------------------------------------------------------------
 
 
@@ -303,11 +385,24 @@ def _fmt(x, digits=0) -> str:
     return f"{x:.{digits}f}"
 
 
+def _pct(x, signed: bool = True) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    return f"{100 * x:+.1f}%" if signed else f"{100 * x:.1f}%"
+
+
 def write_report(out: Path, stages: list[Stage], fits: dict[str, WindowModelFit | None], meta: dict) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    ctx_fits = {
+        p: fit_context_model(meta["chunk"], cache_tokens_of(p, meta["cache"]),
+                             [(s.prompt_tokens, s.summary["ttft_p50_ms"] / 1000.0) for s in stages
+                              if s.policy == p and s.stage == "length"])
+        for p in fits
+    }
     (out / "results.json").write_text(json.dumps(
         {"meta": meta, "stages": [asdict(s) for s in stages],
-         "fits": {k: (asdict(v) if v else None) for k, v in fits.items()}}, indent=1))
+         "fits": {k: (asdict(v) if v else None) for k, v in fits.items()},
+         "context_fits": {k: (asdict(v) if v else None) for k, v in ctx_fits.items()}}, indent=1))
     policies = list(dict.fromkeys(s.policy for s in stages))
     conc = [s for s in stages if s.stage == "concurrency"]
     lens = [s for s in stages if s.stage == "length"]
@@ -359,9 +454,12 @@ def write_report(out: Path, stages: list[Stage], fits: dict[str, WindowModelFit 
         "", "## Analytical model against the length sweep", "",
         "One stream at a time; measured = time to first token (the chunked prefill of T prompt tokens in windows "
         f"of W = {meta['chunk']}). Model: N = ceil(T/W), L_total = N L_w + (N-1) T_comm, throughput = T / L_total, "
-        "fitted per policy; memory predicted constant in T (blocks kept, measured beside it).", "",
-        "| policy | T | measured s | model s | error | measured tok/s | model tok/s | blocks kept | L_w s | T_comm s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "fitted per policy; memory predicted constant in T (blocks kept, measured beside it). Beside it a "
+        "refinement (context model): window i attends to itself and to the ctx_i tokens cached before it "
+        "(i W for full attention, min(i W, cache) for a bounded cache), L_total = sum_i C_att w_i (ctx_i + w_i) + C_ff w_i.", "",
+        "| policy | T | measured s | model s | error | measured tok/s | model tok/s | blocks kept | L_w s | T_comm s "
+        "| context model s | error |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in policies:
         fit = fits.get(p)
@@ -371,24 +469,29 @@ def write_report(out: Path, stages: list[Stage], fits: dict[str, WindowModelFit 
         for s in lens:
             if s.policy == p and s.deltas.get("kvstream_request_blocks_kept_count"):
                 kept_by_t[s.prompt_tokens] = s.deltas["kvstream_request_blocks_kept_sum"] / s.deltas["kvstream_request_blocks_kept_count"]
+        ctx = ctx_fits.get(p)
+        ctx_by_t = {pt["tokens"]: pt for pt in ctx.points} if ctx else {}
         for pt in fit.points:
+            c = ctx_by_t.get(pt["tokens"])
             lines.append(
                 f"| {p} | {pt['tokens']} | {pt['measured_s']:.2f} | {pt['predicted_s']:.2f} | {100 * pt['error']:+.1f}% "
                 f"| {pt['measured_throughput']:.0f} | {pt['predicted_throughput']:.0f} | {_fmt(kept_by_t.get(pt['tokens']), 1)} "
-                f"| {fit.l_w:.3f} | {fit.t_comm:.3f} |"
+                f"| {fit.l_w:.3f} | {fit.t_comm:.3f} | {_fmt(c and c['predicted_s'], 2)} "
+                f"| {_pct(c and c['error'])} |"
             )
-        lines.append(f"| {p} | mean abs error | | | {100 * fit.mean_abs_error:.1f}% | | | | | |")
+        lines.append(f"| {p} | mean abs error | | | {100 * fit.mean_abs_error:.1f}% | | | | | | "
+                     f"| {_pct(ctx and ctx.mean_abs_error, signed=False)} |")
     notes = [n for s in stages for n in s.notes]
     if notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in notes]
     lines += ["", "Charts: `sustained.png`, `latency_vs_concurrency.png`, `model_fit.png`. Raw: `results.json`, `runs/`."]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    _charts(out, policies, conc, fits, best)
+    _charts(out, policies, conc, fits, ctx_fits, best)
     return report
 
 
-def _charts(out: Path, policies, conc, fits, best) -> None:
+def _charts(out: Path, policies, conc, fits, ctx_fits, best) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,13 +531,30 @@ def _charts(out: Path, policies, conc, fits, best) -> None:
         ts = [pt["tokens"] for pt in fit.points]
         line = ax.plot(ts, [pt["predicted_s"] for pt in fit.points], linestyle="--")[0]
         ax.plot(ts, [pt["measured_s"] for pt in fit.points], marker="o", linestyle="", color=line.get_color(), label=p)
+        ctx = ctx_fits.get(p)
+        if ctx is not None:
+            ax.plot([pt["tokens"] for pt in ctx.points], [pt["predicted_s"] for pt in ctx.points], linestyle=":",
+                    color=line.get_color())
     ax.set_xlabel("prompt tokens T")
     ax.set_ylabel("prefill latency (s)")
-    ax.set_title("Window model (dashed) vs measured time to first token")
+    ax.set_title("Seed's window model (dashed), context model (dotted), measured (dots)", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "model_fit.png", dpi=110)
     plt.close(fig)
+
+
+def rebuild_report(out: Path) -> Path:
+    """The report again from ``out/results.json`` (the measurements), e.g. after a change to
+    the report or the model fits; nothing is re-run."""
+    data = json.loads((out / "results.json").read_text())
+    stages = [Stage(**s) for s in data["stages"]]
+    meta = data["meta"]
+    fits = {}
+    for p in dict.fromkeys(s.policy for s in stages):
+        samples = [(s.prompt_tokens, s.summary["ttft_p50_ms"] / 1000.0) for s in stages if s.policy == p and s.stage == "length"]
+        fits[p] = fit_window_model(meta["chunk"], samples)
+    return write_report(out, stages, fits, meta)
 
 
 def machine_description() -> str:
