@@ -140,6 +140,24 @@ class Sampler(threading.Thread):
         return dict(self.peaks)
 
 
+def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, where: str = "") -> None:
+    """Until ``url/health`` answers 200; ``RuntimeError`` (with ``where``) if ``proc`` exits or
+    ``timeout`` seconds pass first."""
+    deadline = time.time() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"vllm serve exited with {proc.returncode}; {where}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError(f"vllm serve not healthy after {timeout:.0f} s; {where}")
+        time.sleep(1)
+
+
 def max_model_len(args) -> int:
     """The longest stream of the run (a bound for every policy, so stock vLLM starts in a KV
     memory smaller than the model's trained context)."""
@@ -168,19 +186,8 @@ class Server:
         env["HF_HUB_OFFLINE"] = "1"
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in __exit__)
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.time() + 600
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}; see {self.log_path}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"vllm serve not healthy after 600 s; see {self.log_path}")
-            time.sleep(1)
+        wait_healthy(self.proc, self.url, 600, f"see {self.log_path}")
+        return self
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -430,7 +437,9 @@ def write_report(out: Path, stages: list[Stage], fits: dict[str, WindowModelFit 
         "", "## Every run", "",
         "Latencies in ms (p50 / p90 / p99). TPOT vs stock: p50 TPOT over stock's at the same c (< 1: faster). "
         "KV usage: peak of `vllm:kv_cache_usage_perc`. Blocks kept: mean over requests of the most blocks one held "
-        "(`kvstream_request_blocks_kept`; the plugin's metric, absent for stock).", "",
+        "(`kvstream_request_blocks_kept`; the plugin's metric, absent for stock). Past what a policy sustains the "
+        "streams it cannot hold wait in vLLM's queue (peak waiting), so its TPOT there is that of the smaller batch it "
+        "runs (peak running): compare TPOT at equal running batches, and TTFT for the cost of waiting.", "",
         "| policy | c | done / failed | sustained | req/s | out tok/s | TTFT | ITL | TPOT | TPOT vs stock "
         "| preempt | KV usage | peak running / waiting | blocks kept | blocks evicted |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",

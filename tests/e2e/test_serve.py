@@ -7,11 +7,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
+
+from vllm_kvstream.compare import wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -41,19 +42,10 @@ def test_serve_streams_and_stops_cleanly(tiny_model):
         env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited early:\n{proc.stdout.read()[-5000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise AssertionError("server not healthy after 300 s")
-            time.sleep(1)
+        try:
+            wait_healthy(proc, f"http://127.0.0.1:{port}", 300)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}\n{proc.stdout.read()[-5000:] if proc.poll() is not None else ''}") from None
         body = json.dumps({"model": tiny_model, "prompt": "Hello there", "max_tokens": 150,
                            "temperature": 0, "stream": True, "ignore_eos": True}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,

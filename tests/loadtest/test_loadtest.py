@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from vllm_kvstream.compare import free_port, parse_metrics
+from vllm_kvstream.compare import free_port, parse_metrics, wait_healthy
 from vllm_kvstream.loadgen import read_records
 
 pytestmark = pytest.mark.e2e
@@ -37,19 +36,10 @@ def server(tiny_model, tmp_path_factory):
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"server exited early:\n{log.read_text()[-5000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.time() > deadline:
-                raise AssertionError("server not healthy after 300 s")
-            time.sleep(1)
+        try:
+            wait_healthy(proc, url, 300)
+        except RuntimeError as exc:
+            raise AssertionError(f"{exc}\n{log.read_text()[-5000:]}") from None
         yield url
     finally:
         proc.send_signal(signal.SIGINT)
@@ -95,6 +85,16 @@ def test_locust_headless_records_streaming_latencies(server, tmp_path):
         assert r.output_tokens == {"short": 16, "long-stream": 24, "chat": 12}[r.kind]  # pinned by ignore_eos/min_tokens
         assert 0 < r.ttft <= r.e2e and len(r.itl) == r.output_chunks - 1
     assert len(records) <= 10
+
+
+def test_fixed_arrival_rate_sends_the_bounded_number_open_loop(server, tmp_path):
+    proc = _locust(server, tmp_path, "-u", "1", "-r", "1", "--scenario", "short", "--short-output-tokens", "8",
+                   "--arrival-rate", "4", "--max-requests", "6", "--max-seconds", "60")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_records(tmp_path / "run.jsonl")
+    assert len(records) == 6 and all(r.ok and r.output_tokens == 8 for r in records)
+    starts = sorted(r.start for r in records)
+    assert starts[-1] - starts[0] > 0.2  # Poisson arrivals (mean gap 0.25 s), not a burst
 
 
 def test_plugin_metrics_move_when_a_request_evicts_blocks(server, tmp_path):
