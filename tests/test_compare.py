@@ -111,8 +111,8 @@ def test_report_shows_sustained_streams_and_model_error(tmp_path):
     meta = {"model_name": "m", "machine": "test", "kv_memory_mib": 256, "dtype": "float32", "block_size": 128,
             "chunk": 256, "cache": "4+508", "long_prompt_tokens": 2048, "output_tokens": 64, "command": "x"}
     report = write_report(tmp_path, stages, fits, meta).read_text()
-    assert "| stock | **2** | 1, 2, 4 |" in report
-    assert "| streaming-sink 4+508 | **4** | 1, 2, 4 |" in report
+    assert "| stock | **2** | 1, 2, 4 | 4 | 50.0% |" in report
+    assert "| streaming-sink 4+508 | **4** | 1, 2, 4 | 4 | 50.0% |" in report
     assert "| stock | 4 | 4 / 0 | no |" in report
     assert "mean abs error" in report
     for png in ("sustained.png", "latency_vs_concurrency.png", "model_fit.png"):

@@ -2,7 +2,7 @@
 
     vllm-kvstream eval ppl      [--model DIR] [--text austen|FILE] [--policies ...] [--caches 4+252,...]
     vllm-kvstream eval passkey  [--model DIR] [--lengths ...] [--depths ...] [--policies ...] [--caches ...]
-    vllm-kvstream compare       [--model DIR] [--policies stock,full,...] [--kv-memory-mib M] [--concurrency 1,2,4,8]
+    vllm-kvstream compare       [--model DIR] [--policies stock,full,...] [--kv-memory-mib M] [--concurrency 1,2,4,8,16]
 
 Every policy name the registry knows is accepted; each runs at every cache size given
 (``S+W`` tokens; a policy states how it spends that budget in ``params_for_cache``), and a
@@ -81,17 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--policies", type=_csv(str), default=list(DEFAULT_POLICIES),
                     help="comma-separated: 'stock' (vLLM without the plugin's flags) and policies "
                          f"NAME[:KEY=VALUE...] as eval takes them (default: {','.join(DEFAULT_POLICIES)})")
-    cp.add_argument("--cache", default="4+508", help="cache budget SINK+WINDOW of the bounded policies")
-    cp.add_argument("--kv-memory-mib", type=int, default=256, help="KV memory of every server (--kv-cache-memory-bytes)")
+    cp.add_argument("--cache", default="4+252", help="cache budget SINK+WINDOW of the bounded policies")
+    cp.add_argument("--kv-memory-mib", type=int, default=128, help="KV memory of every server (--kv-cache-memory-bytes)")
     cp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    cp.add_argument("--block-size", type=int, default=128)
-    cp.add_argument("--chunk", type=int, default=256, help="prefill chunk (max_num_batched_tokens): the window W")
+    cp.add_argument("--block-size", type=int, default=64)
+    cp.add_argument("--chunk", type=int, default=128, help="prefill chunk (max_num_batched_tokens): the window W")
     cp.add_argument("--max-num-seqs", type=int, default=64)
-    cp.add_argument("--concurrency", type=_csv(int), default=[1, 2, 4, 8], help="concurrent long streams per level")
-    cp.add_argument("--lengths", type=_csv(int), default=[512, 1024, 2048, 4096],
+    cp.add_argument("--concurrency", type=_csv(int), default=[1, 2, 4, 8, 16], help="concurrent long streams per level")
+    cp.add_argument("--lengths", type=_csv(int), default=[256, 512, 1024, 2048],
                     help="prompt lengths of the one-at-a-time sweep the analytical model is fitted to")
-    cp.add_argument("--long-prompt-tokens", type=int, default=2048, help="prompt tokens of the concurrent streams")
-    cp.add_argument("--output-tokens", type=int, default=64, help="output tokens per stream (pinned)")
+    cp.add_argument("--long-prompt-tokens", type=int, default=1024, help="prompt tokens of the concurrent streams")
+    cp.add_argument("--output-tokens", type=int, default=128, help="output tokens per stream (pinned)")
     cp.add_argument("--stage-seconds", type=float, default=600.0, help="time bound of each locust run")
     cp.add_argument("--text", default="austen", help="prompt text: 'austen' or a UTF-8 file")
     cp.add_argument("--locustfile", type=Path, default=LOCUSTFILE)

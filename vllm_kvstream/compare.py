@@ -424,15 +424,22 @@ def write_report(out: Path, stages: list[Stage], fits: dict[str, WindowModelFit 
         f"Command: `{meta['command']}`", "",
         "## Concurrent long streams sustained at equal KV memory", "",
         "A policy sustains c streams when all c complete, none fails or is preempted, and all c run at once.", "",
-        "| policy | most concurrent streams sustained | levels tried |",
-        "|---|---|---|",
+        "| policy | most concurrent streams sustained | levels tried | most streams running at once (any level) "
+        "| peak KV usage then |",
+        "|---|---|---|---|---|",
     ]
     best: dict[str, int] = {}
     for p in policies:
-        levels = sorted(s.concurrency for s in conc if s.policy == p)
-        ok = [s.concurrency for s in conc if s.policy == p and s.sustained]
+        rows = [s for s in conc if s.policy == p]
+        levels = sorted(s.concurrency for s in rows)
+        ok = [s.concurrency for s in rows if s.sustained]
         best[p] = max(ok) if ok else 0
-        lines.append(f"| {p} | **{best[p]}** | {', '.join(map(str, levels))} |")
+        peak = max(rows, key=lambda s: (s.peaks["vllm:num_requests_running"], -s.concurrency), default=None)
+        lines.append(
+            f"| {p} | **{best[p]}** | {', '.join(map(str, levels))} "
+            f"| {_fmt(peak and peak.peaks['vllm:num_requests_running'])} "
+            f"| {_fmt(peak and 100 * peak.peaks['vllm:kv_cache_usage_perc'], 1)}% |"
+        )
     lines += [
         "", "## Every run", "",
         "Latencies in ms (p50 / p90 / p99). TPOT vs stock: p50 TPOT over stock's at the same c (< 1: faster). "
@@ -496,11 +503,11 @@ def write_report(out: Path, stages: list[Stage], fits: dict[str, WindowModelFit 
     lines += ["", "Charts: `sustained.png`, `latency_vs_concurrency.png`, `model_fit.png`. Raw: `results.json`, `runs/`."]
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    _charts(out, policies, conc, fits, ctx_fits, best)
+    _charts(out, policies, conc, lens, fits, ctx_fits, best)
     return report
 
 
-def _charts(out: Path, policies, conc, fits, ctx_fits, best) -> None:
+def _charts(out: Path, policies, conc, lens, fits, ctx_fits, best) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -532,7 +539,18 @@ def _charts(out: Path, policies, conc, fits, ctx_fits, best) -> None:
     fig.savefig(out / "latency_vs_concurrency.png", dpi=110)
     plt.close(fig)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, (ax, mem) = plt.subplots(1, 2, figsize=(12, 4))
+    for p in policies:
+        rows = sorted((s for s in lens if s.policy == p and s.deltas.get("kvstream_request_blocks_kept_count")),
+                      key=lambda s: s.prompt_tokens)
+        if rows:
+            mem.plot([s.prompt_tokens for s in rows],
+                     [s.deltas["kvstream_request_blocks_kept_sum"] / s.deltas["kvstream_request_blocks_kept_count"] for s in rows],
+                     marker="o", label=p)
+    mem.set_xlabel("prompt tokens T")
+    mem.set_ylabel("most KV blocks the stream held")
+    mem.set_title("Memory per stream against T (model: constant)", fontsize=9)
+    mem.legend(fontsize=7)
     for p in policies:
         fit = fits.get(p)
         if fit is None:
@@ -551,6 +569,19 @@ def _charts(out: Path, policies, conc, fits, ctx_fits, best) -> None:
     fig.tight_layout()
     fig.savefig(out / "model_fit.png", dpi=110)
     plt.close(fig)
+
+
+def command_line(args) -> str:
+    """The command that repeats this run, every setting spelled out (defaults change)."""
+    parts = ["vllm-kvstream compare", f"--policies {','.join(args.policies)}", f"--cache {args.cache}",
+             f"--kv-memory-mib {args.kv_memory_mib}", f"--dtype {args.dtype}", f"--block-size {args.block_size}",
+             f"--chunk {args.chunk}", f"--max-num-seqs {args.max_num_seqs}",
+             f"--concurrency {','.join(map(str, args.concurrency))}", f"--lengths {','.join(map(str, args.lengths))}",
+             f"--long-prompt-tokens {args.long_prompt_tokens}", f"--output-tokens {args.output_tokens}",
+             f"--stage-seconds {args.stage_seconds:g}", f"--text {args.text}", f"--out {args.out}"]
+    if args.model:
+        parts.insert(1, f"--model {args.model}")
+    return " ".join(parts)
 
 
 def rebuild_report(out: Path) -> Path:
@@ -588,7 +619,7 @@ def compare(args, model: Path) -> Path:
         "dtype": args.dtype, "block_size": args.block_size, "chunk": args.chunk, "cache": args.cache,
         "long_prompt_tokens": args.long_prompt_tokens, "output_tokens": args.output_tokens,
         "concurrency": list(args.concurrency), "lengths": list(args.lengths),
-        "command": "vllm-kvstream compare " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "vllm-kvstream compare",
+        "command": command_line(args),
     }
     stages: list[Stage] = []
     fits: dict[str, WindowModelFit | None] = {}
