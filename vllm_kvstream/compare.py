@@ -550,7 +550,10 @@ def _charts(out: Path, policies, conc, lens, fits, ctx_fits, best) -> None:
     mem.set_xlabel("prompt tokens T")
     mem.set_ylabel("most KV blocks the stream held")
     mem.set_title("Memory per stream against T (model: constant)", fontsize=9)
-    mem.legend(fontsize=7)
+    if mem.lines:
+        mem.legend(fontsize=7)
+    else:  # only stock ran: the plugin's metric is absent
+        mem.text(0.5, 0.5, "no plugin policy in this run", ha="center", transform=mem.transAxes)
     for p in policies:
         fit = fits.get(p)
         if fit is None:
