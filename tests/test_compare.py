@@ -106,11 +106,9 @@ def test_report_shows_sustained_streams_and_model_error(tmp_path):
         _stage("streaming-sink 4+508", "concurrency", 2, 2048, 4000.0),
         _stage("streaming-sink 4+508", "concurrency", 4, 2048, 4500.0),
     ]
-    fits = {p: fit_window_model(256, [(s.prompt_tokens, s.summary["ttft_p50_ms"] / 1000) for s in stages
-                                      if s.policy == p and s.stage == "length"]) for p in ("stock", "streaming-sink 4+508")}
     meta = {"model_name": "m", "machine": "test", "kv_memory_mib": 256, "dtype": "float32", "block_size": 128,
             "chunk": 256, "cache": "4+508", "long_prompt_tokens": 2048, "output_tokens": 64, "command": "x"}
-    report = write_report(tmp_path, stages, fits, meta).read_text()
+    report = write_report(tmp_path, stages, meta).read_text()
     assert "| stock | **2** | 1, 2, 4 | 4 | 50.0% |" in report
     assert "| streaming-sink 4+508 | **4** | 1, 2, 4 | 4 | 50.0% |" in report
     assert "| stock | 4 | 4 / 0 | no |" in report

@@ -398,19 +398,22 @@ def _pct(x, signed: bool = True) -> str:
     return f"{100 * x:+.1f}%" if signed else f"{100 * x:.1f}%"
 
 
-def write_report(out: Path, stages: list[Stage], fits: dict[str, WindowModelFit | None], meta: dict) -> Path:
+def length_samples(stages: Sequence[Stage], policy: str) -> list[tuple[int, float]]:
+    """``(T, time to first token in s)`` of a policy's length sweep: what the models are fitted to."""
+    return [(s.prompt_tokens, s.summary["ttft_p50_ms"] / 1000.0) for s in stages if s.policy == policy and s.stage == "length"]
+
+
+def write_report(out: Path, stages: list[Stage], meta: dict) -> Path:
+    """Report, charts and ``results.json`` from the measured stages (the model fits derive from them)."""
     out.mkdir(parents=True, exist_ok=True)
-    ctx_fits = {
-        p: fit_context_model(meta["chunk"], cache_tokens_of(p, meta["cache"]),
-                             [(s.prompt_tokens, s.summary["ttft_p50_ms"] / 1000.0) for s in stages
-                              if s.policy == p and s.stage == "length"])
-        for p in fits
-    }
+    policies = list(dict.fromkeys(s.policy for s in stages))
+    fits = {p: fit_window_model(meta["chunk"], length_samples(stages, p)) for p in policies}
+    ctx_fits = {p: fit_context_model(meta["chunk"], cache_tokens_of(p, meta["cache"]), length_samples(stages, p))
+                for p in policies}
     (out / "results.json").write_text(json.dumps(
         {"meta": meta, "stages": [asdict(s) for s in stages],
          "fits": {k: (asdict(v) if v else None) for k, v in fits.items()},
          "context_fits": {k: (asdict(v) if v else None) for k, v in ctx_fits.items()}}, indent=1))
-    policies = list(dict.fromkeys(s.policy for s in stages))
     conc = [s for s in stages if s.stage == "concurrency"]
     lens = [s for s in stages if s.stage == "length"]
     stock_tpot = {s.concurrency: s.summary["tpot_p50_ms"] for s in conc if s.policy == "stock"}
@@ -591,13 +594,7 @@ def rebuild_report(out: Path) -> Path:
     """The report again from ``out/results.json`` (the measurements), e.g. after a change to
     the report or the model fits; nothing is re-run."""
     data = json.loads((out / "results.json").read_text())
-    stages = [Stage(**s) for s in data["stages"]]
-    meta = data["meta"]
-    fits = {}
-    for p in dict.fromkeys(s.policy for s in stages):
-        samples = [(s.prompt_tokens, s.summary["ttft_p50_ms"] / 1000.0) for s in stages if s.policy == p and s.stage == "length"]
-        fits[p] = fit_window_model(meta["chunk"], samples)
-    return write_report(out, stages, fits, meta)
+    return write_report(out, [Stage(**s) for s in data["stages"]], data["meta"])
 
 
 def machine_description() -> str:
@@ -625,21 +622,16 @@ def compare(args, model: Path) -> Path:
         "command": command_line(args),
     }
     stages: list[Stage] = []
-    fits: dict[str, WindowModelFit | None] = {}
     report = out / "report.md"
     for run in runs:
         log.info("compare: %s", run.label)
         with Server(str(model), run, args, out / "logs" / f"{_slug(run.label)}.log") as server:
-            samples = []
             for t in args.lengths:
-                st = run_stage(server, run.label, "length", 1, t, args, out)
-                stages.append(st)
-                samples.append((t, st.summary["ttft_p50_ms"] / 1000.0))
-            fits[run.label] = fit_window_model(args.chunk, samples)
+                stages.append(run_stage(server, run.label, "length", 1, t, args, out))
             for c in args.concurrency:
                 st = run_stage(server, run.label, "concurrency", c, args.long_prompt_tokens, args, out)
                 stages.append(st)
                 log.info("  c=%d: %d/%d done, preemptions %d, sustained %s", c, st.summary["completed"], c,
                          st.deltas.get("vllm:num_preemptions_total", 0), st.sustained)
-        report = write_report(out, stages, fits, meta)
+        report = write_report(out, stages, meta)
     return report
