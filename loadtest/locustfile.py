@@ -21,7 +21,9 @@ ends) or a fixed arrival rate (``--arrival-rate R`` requests/s, Poisson arrivals
 loop, at most ``--max-inflight`` in flight; ``-u`` then only splits the dispatching).
 
 Bounded: the target must be a loopback address; a run stops by itself after
-``--max-requests`` requests or ``--max-seconds`` seconds, whichever comes first.
+``--max-requests`` requests or ``--max-seconds`` seconds, whichever comes first. At
+``--max-seconds`` no new request is sent and the requests in flight get ``--drain-seconds``
+to end (so they are measured, not cut off); then the run quits.
 
     locust -f loadtest/locustfile.py --headless -u 4 -r 4 --host http://127.0.0.1:8000 \\
         --scenario long-stream --long-prompt-tokens 4096 --max-requests 40 --max-seconds 300 \\
@@ -33,6 +35,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 
 import gevent
 import requests
@@ -73,7 +76,9 @@ def _options(parser) -> None:
                    help="requests/s, open loop (0: fixed concurrency, one request per user at a time)")
     g.add_argument("--max-inflight", type=int, default=64, help="open loop: most requests in flight")
     g.add_argument("--max-requests", type=int, default=200, help="stop after this many requests end")
-    g.add_argument("--max-seconds", type=float, default=300.0, help="stop after this long")
+    g.add_argument("--max-seconds", type=float, default=300.0, help="send no new request after this long")
+    g.add_argument("--drain-seconds", type=float, default=60.0,
+                   help="after --max-seconds, how long requests in flight may take to end before the run quits")
     g.add_argument("--text", default="austen", help="prompt text: 'austen' or a UTF-8 file")
     g.add_argument("--records", default="", help="append one JSON line per request to this file")
     g.add_argument("--seed", type=int, default=0)
@@ -101,16 +106,34 @@ class _Run:
             self.sent += 1
             return True
 
+    def release(self) -> None:
+        """A claimed request that will not be sent after all (the run stopped meanwhile)."""
+        with self.lock:
+            self.sent -= 1
+
+    def in_flight(self) -> int:
+        with self.lock:
+            return self.sent - self.ended
+
 
 RUN = _Run()
 
 
-def _stop(environment, why: str) -> None:
+def _stop(environment, why: str, drain_seconds: float = 0.0) -> None:
+    """Send no new request; quit once the requests in flight ended, or ``drain_seconds`` passed."""
     if RUN.stopping:
         return
     RUN.stopping = True
-    logger.info("kvstream load test stops: %s", why)
-    gevent.spawn_later(0, environment.runner.quit)
+    logger.info("kvstream load test stops: %s (%d requests in flight)", why, RUN.in_flight())
+    gevent.spawn(_quit_when_drained, environment, time.monotonic() + drain_seconds)
+
+
+def _quit_when_drained(environment, deadline: float) -> None:
+    while RUN.in_flight() > 0 and time.monotonic() < deadline:
+        gevent.sleep(0.05)
+    if RUN.in_flight() > 0:
+        logger.warning("kvstream load test: %d requests still in flight after the drain; cut off", RUN.in_flight())
+    environment.runner.quit()
 
 
 def _fail_setup(environment, message: str) -> None:
@@ -130,8 +153,9 @@ def _setup(environment, **_kw) -> None:
             short_prompt_tokens=o.short_prompt_tokens, short_output_tokens=o.short_output_tokens,
             chat_turn_tokens=o.chat_turn_tokens, chat_output_tokens=o.chat_output_tokens, chat_turns=o.chat_turns,
         )
-        if o.max_requests < 1 or o.max_seconds <= 0:
-            raise LoadSpecError(f"--max-requests={o.max_requests} and --max-seconds={o.max_seconds} must be > 0")
+        if o.max_requests < 1 or o.max_seconds <= 0 or o.drain_seconds < 0:
+            raise LoadSpecError(f"--max-requests={o.max_requests} and --max-seconds={o.max_seconds} must be > 0, "
+                                f"--drain-seconds={o.drain_seconds} >= 0")
         if o.arrival_rate < 0 or o.max_inflight < 1:
             raise LoadSpecError(f"--arrival-rate={o.arrival_rate} must be >= 0 and --max-inflight={o.max_inflight} >= 1")
     except LoadSpecError as exc:
@@ -154,7 +178,7 @@ def _setup(environment, **_kw) -> None:
         return
     RUN.max_requests = o.max_requests
     RUN.records_file = open(o.records, "a") if o.records else None  # noqa: SIM115 (closed at test_stop)
-    gevent.spawn_later(o.max_seconds, _stop, environment, f"--max-seconds {o.max_seconds} reached")
+    gevent.spawn_later(o.max_seconds, _stop, environment, f"--max-seconds {o.max_seconds} reached", o.drain_seconds)
 
 
 @events.test_stop.add_listener
@@ -192,6 +216,9 @@ class StreamUser(HttpUser):
         users = max(self.environment.runner.user_count, 1)
         while RUN.claim():
             gevent.sleep(self.rng.expovariate(o.arrival_rate / users))
+            if RUN.stopping:
+                RUN.release()
+                break
             self.pool.spawn(self.one_request)  # blocks while --max-inflight are in flight
         self.pool.join()
         raise StopUser()

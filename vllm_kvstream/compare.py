@@ -226,6 +226,7 @@ def run_stage(server: Server, policy: str, stage: str, c: int, prompt_tokens: in
         sys.executable, "-m", "locust", "-f", str(args.locustfile), "--headless", "-u", str(c), "-r", str(c),
         "--host", server.url, "--scenario", "long-stream", "--long-prompt-tokens", str(prompt_tokens),
         "--long-output-tokens", str(args.output_tokens), "--max-requests", str(c), "--max-seconds", str(args.stage_seconds),
+        "--drain-seconds", "0",  # a stream not ended within the stage counts as not sustained
         "--records", str(records), "--csv", str(out / "runs" / tag), "--only-summary", "--loglevel", "WARNING",
         "--text", args.text,
     ]

@@ -87,6 +87,24 @@ def test_locust_headless_records_streaming_latencies(server, tmp_path):
     assert len(records) <= 10
 
 
+def test_max_seconds_stops_sending_and_drains_the_requests_in_flight(server, tmp_path):
+    # Both users send at once; the clock runs out while their streams are in flight: no new
+    # request is sent, and the two in flight end and are measured instead of being cut off.
+    proc = _locust(server, tmp_path, "-u", "2", "-r", "100", "--scenario", "long-stream", "--long-prompt-tokens", "200",
+                   "--long-output-tokens", "48", "--max-requests", "50", "--max-seconds", "0.3", "--drain-seconds", "120")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_records(tmp_path / "run.jsonl")
+    assert 1 <= len(records) <= 2, records
+    assert all(r.ok and r.output_tokens == 48 for r in records)
+    assert "requests in flight" in proc.stderr
+
+
+def test_a_negative_drain_is_refused_naming_the_value(server, tmp_path):
+    proc = _locust(server, tmp_path, "-u", "1", "-r", "1", "--max-requests", "1", "--drain-seconds", "-1")
+    assert proc.returncode == 2
+    assert "--drain-seconds=-1.0" in proc.stderr
+
+
 def test_fixed_arrival_rate_sends_the_bounded_number_open_loop(server, tmp_path):
     proc = _locust(server, tmp_path, "-u", "1", "-r", "1", "--scenario", "short", "--short-output-tokens", "8",
                    "--arrival-rate", "4", "--max-requests", "6", "--max-seconds", "60")
