@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
+from vllm_kvstream.adapter import selection as selection_mod
 from vllm_kvstream.adapter.selection import SelectionStore, SelectRequest
-from vllm_kvstream.kernels import Rope, split_cpu_kv_cache, write_kv_ref
+from vllm_kvstream.kernels import Rope, selected_attention_ref, split_cpu_kv_cache, write_kv_ref
 from vllm_kvstream.policies import build_policy
 from vllm_kvstream.policies.base import cdiv
 
@@ -40,8 +41,19 @@ class Scheduler:
         return row
 
 
-def _stream(reuse: bool, score: str, seed: int = 0, batch_decode: bool = True, decay: float = 1.0):
-    policy = build_policy("topk-importance", {"budget_tokens": 48, "sink_tokens": 3, "recent_tokens": 12, "score": score, "decay": decay})
+def _stock_attention(query, kc, vc, reqs, out, rope):
+    """What vLLM's stock kernel computes: causal attention over each request's row, in place."""
+    for r in reqs:
+        n_blocks = cdiv(r.seq_len, BS)
+        selected_attention_ref(
+            query[r.q_start : r.q_end], kc, vc, torch.tensor(r.row[:n_blocks]), torch.arange(n_blocks),
+            num_tokens=r.seq_len, first_pos=r.first_pos, scale=1 / math.sqrt(D), rope=rope, out=out[r.q_start : r.q_end],
+        )
+
+
+def _stream(reuse: bool, score: str, seed: int = 0, batch_decode: bool = True, decay: float = 1.0,
+            budget: int = 48):
+    policy = build_policy("topk-importance", {"budget_tokens": budget, "sink_tokens": 3, "recent_tokens": 12, "score": score, "decay": decay})
     kv = torch.zeros(200, HKV, BS, 2 * D)
     kc, vc = split_cpu_kv_cache(kv)
     rope = Rope.from_base(D, 10000.0, 4096)
@@ -82,7 +94,11 @@ def _stream(reuse: bool, score: str, seed: int = 0, batch_decode: bool = True, d
         query = torch.cat(qs)
         out = torch.empty_like(query)
         step = store.begin_step(reqs)
-        store.run("layer0", query, kv, step, scale=1 / math.sqrt(D), rope=rope, out=out)
+        if store.reads_in_place(step):  # the backend runs the stock kernel, the store records
+            _stock_attention(query, kc, vc, reqs, out, rope)
+            store.record("layer0", query, kv, step, scale=1 / math.sqrt(D), rope=rope)
+        else:
+            store.run("layer0", query, kv, step, scale=1 / math.sqrt(D), rope=rope, out=out)
         outs.append(out)
     return torch.cat(outs), store, sched
 
@@ -115,3 +131,43 @@ def test_batched_steady_decode_equals_general_path(score, decay):
         assert sel.scores.keys() == ref.scores.keys()
         for b in sel.scores:
             assert math.isclose(sel.scores[b], ref.scores[b], rel_tol=1e-5, abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("mass_batch", [16, 2])
+@pytest.mark.parametrize(("score", "decay"), [("attention", 1.0), ("attention", 0.9), ("key-norm", 1.0)])
+def test_in_place_steps_with_deferred_scores_equal_general_path(score, decay, mass_batch, monkeypatch):
+    """Inside the budget steady decode steps run the stock kernel and only record their
+    queries; scored later in chunks (at the next general step, or every MASS_BATCH), the
+    scores, hence the kept blocks and every later output, equal scoring each query at once."""
+    monkeypatch.setattr(selection_mod, "MASS_BATCH", mass_batch)
+    reference, ref_store, _ = _stream(reuse=True, score=score, decay=decay, batch_decode=False, budget=96)
+    got, store, _ = _stream(reuse=True, score=score, decay=decay, batch_decode=True, budget=96)
+    assert store.recorded_steps > 0 and ref_store.recorded_steps == 0
+    torch.testing.assert_close(got, reference, atol=2e-6, rtol=2e-6)
+    for key, state in store.requests.items():
+        ref = ref_store.requests[key].layers["layer0"].selection
+        layer = state.layers["layer0"]
+        assert not layer.pending  # both streams went past their budget: every query scored
+        sel = layer.selection
+        assert sel.kept == ref.kept and sel.num_tokens == ref.num_tokens
+        assert sel.scores.keys() == ref.scores.keys()
+        for b in sel.scores:
+            assert math.isclose(sel.scores[b], ref.scores[b], rel_tol=1e-5, abs_tol=1e-6)
+
+
+def test_a_step_mixing_in_place_and_evicting_requests_runs_the_general_path():
+    policy = build_policy("topk-importance", {"budget_tokens": 48, "sink_tokens": 3, "recent_tokens": 12})
+    store = SelectionStore(policy, BS)
+    kv = torch.randn(40, HKV, BS, 2 * D)
+    query = torch.randn(2, HQ, D)
+    rope = Rope.from_base(D, 10000.0, 4096)
+    # A: a fresh request prefilled to 10 tokens; B: one prefilled to 100 (past its budget).
+    rows = {"A": tuple(range(1, 3)), "B": tuple(range(3, 3 + 13))}
+    for name, n in (("A", 10), ("B", 100)):
+        step = store.begin_step([SelectRequest(0, n, n, rows[name][: cdiv(n, BS)])])
+        store.run("layer0", torch.randn(n, HQ, D), kv, step, scale=0.25, rope=rope, out=torch.empty(n, HQ, D))
+    a = SelectRequest(0, 1, 11, rows["A"])
+    b = SelectRequest(1, 2, 101, rows["B"])
+    assert store.reads_in_place(store.begin_step([a]))
+    assert not store.reads_in_place(store.begin_step([b]))  # steady, but blocks were evicted
+    assert not store.reads_in_place(store.begin_step([a, b]))

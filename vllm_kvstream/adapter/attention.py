@@ -17,9 +17,10 @@ unchanged, so the plugin costs short streams nothing. A step with an evicting re
 step by the metadata builder (the blocks to read and the attended slots do not depend on the
 layer), and the reference for its prefill chunks, one request at a time. Both read the stock
 layout through ``kernels.split_cpu_kv_cache``. A policy that selects blocks by score
-(``topk-importance``) runs every step through ``adapter.selection.SelectionStore``, which
+(``topk-importance``) runs its steps through ``adapter.selection.SelectionStore``, which
 keeps each request's selection per layer and copies kept content out of blocks about to be
-freed (its docstring argues the design). The stock builder picks a kernel ISA per
+freed (its docstring argues the design); a step of steady decodes that have evicted nothing
+yet runs the stock kernel, the store only recording the queries it scores later. The stock builder picks a kernel ISA per
 machine; this backend pins it to ``vec``/``vec16``, whose layout (keys transposed per block
 and head) is the one those readers know (``amx`` packs bf16 keys into tiles instead).
 
@@ -159,7 +160,7 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         pattern = self.pattern
         seq_lens = cm.seq_lens.cpu()[: cm.num_reqs]
         if self.store is not None:
-            return self._build_selection(cm, seq_lens)
+            return self._build_selection(common_prefix_len, cm, seq_lens, fast_build)
         # A query at p attends to a non-prefix set iff p >= S + W, i.e. seq_len > S + W.
         if pattern.window_tokens is None or not bool((seq_lens > pattern.sink_tokens + pattern.window_tokens).any()):
             return KVStreamMetadata(
@@ -197,20 +198,24 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         )
 
 
-    def _build_selection(self, cm, seq_lens: torch.Tensor) -> KVStreamMetadata:
+    def _build_selection(self, common_prefix_len, cm, seq_lens: torch.Tensor, fast_build: bool) -> KVStreamMetadata:
         """Every step of a block-selecting policy runs the selection path: scores accrue from
-        the first query on (H2O counts them all)."""
+        the first query on (H2O counts them all). A step of steady decodes that have evicted
+        nothing yet reads its blocks in place, with the stock kernel, and the store only
+        records the queries to score (``SelectionStore.reads_in_place``)."""
         requests = select_requests(
             cm.query_start_loc_cpu[: cm.num_reqs + 1], seq_lens, cm.block_table_tensor.cpu(), self.block_size
         )
+        selection = self.store.begin_step(requests)
+        in_place = self.store.reads_in_place(selection)
         return KVStreamMetadata(
             num_actual_tokens=cm.num_actual_tokens,
-            stock=None,
+            stock=self.stock.build(common_prefix_len, cm, fast_build) if in_place else None,
             requests=[],
             decode=None,
             block_table=cm.block_table_tensor,
             store=self.store,
-            selection=self.store.begin_step(requests),
+            selection=selection,
         )
 
 
@@ -290,9 +295,15 @@ class KVStreamImpl(PolicyImplBase):
             raise NotImplementedError("vllm-kvstream: fused output quantization is not supported")
         if attn_metadata is None:  # profiling / warm-up run
             return output
-        if attn_metadata.stock is not None:
-            return self.stock.forward(layer, query, key, value, kv_cache, attn_metadata.stock, output)
         n = attn_metadata.num_actual_tokens
+        if attn_metadata.stock is not None:
+            self.stock.forward(layer, query, key, value, kv_cache, attn_metadata.stock, output)
+            if attn_metadata.selection is not None:  # a selecting policy still inside its budget
+                attn_metadata.store.record(
+                    layer.layer_name, query[:n].view(n, self.num_heads, self.head_size), kv_cache,
+                    attn_metadata.selection, scale=self.scale, rope=self.rope,
+                )
+            return output
         query = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         if attn_metadata.selection is not None:

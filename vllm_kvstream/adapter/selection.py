@@ -29,6 +29,18 @@ The path, argued:
 * **Decisions at block boundaries.** Prefill chunks run in tiles that end at block
   boundaries; the selection is brought back to budget before each tile, so a long prompt is
   compressed as it streams in, and chunk size does not change which blocks are kept.
+* **Inside the budget, stock attention and deferred scores.** Until a request's first
+  eviction its selection is every block, in place, at its own position: exactly what vLLM's
+  stock kernel reads. A step whose requests are all steady decodes inside their budget
+  (:meth:`SelectionStore.reads_in_place`) therefore runs the stock C++ kernel for its
+  output, and the store only records each layer's query (:meth:`SelectionStore.record`).
+  Scores are needed only where the selection can change (block boundaries), so the recorded
+  queries are scored together, as one causal chunk, just before: at the request's next
+  general step, or when :data:`MASS_BATCH` wait. The mass is the same sum with the same
+  decay weights as scoring each query in its own step (H2O counts every query); only the
+  float summation order differs. Short streams, and every stream's first ``budget`` tokens,
+  then pay one small batched score per :data:`MASS_BATCH` steps instead of a torch attention
+  per step.
 
 Nothing here imports vLLM: it works on tensors and lists the attention backend passes in.
 """
@@ -50,6 +62,10 @@ from vllm_kvstream.kernels import (
 from vllm_kvstream.kernels.topk_attention import evicted_after
 from vllm_kvstream.policies import BlockSelection, TopKImportancePolicy
 from vllm_kvstream.policies.base import cdiv
+
+#: Recorded queries (per request and layer) scored together at the latest: bounds what a
+#: request waiting inside its budget holds (``MASS_BATCH x heads x head_size`` floats a layer).
+MASS_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -89,6 +105,10 @@ class LayerSelection:
     #: ``selection.kept``; dropped whenever the slow path runs (it may change the kept set or
     #: move contents).
     plan: tuple | None = None
+    #: Queries run by the stock kernel and not scored yet (``attention`` score): each a
+    #: ``(queries of a step, row)`` pair, at consecutive positions ending at
+    #: ``selection.num_tokens``.
+    pending: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
     def location(self, logical: int, row: tuple[int, ...]) -> int:
         return self.moved.get(logical, row[logical])
@@ -108,6 +128,8 @@ class RequestSelection:
     layers: dict[str, LayerSelection] = field(default_factory=dict)
     #: This step is a steady decode step (set by :meth:`SelectionStore.begin_step`).
     steady: bool = False
+    #: ... and every layer still keeps every block in place (nothing evicted yet).
+    in_place: bool = False
 
 
 class SelectionStore:
@@ -123,6 +145,8 @@ class SelectionStore:
         self.batch_decode = batch_decode
         #: Request-layers run by the batched steady path (tests check it is taken).
         self.steady_steps = 0
+        #: Request-layers whose output the stock kernel computed (:meth:`record`).
+        self.recorded_steps = 0
         self._plan_key: tuple | None = None
         self._plan = None
 
@@ -155,8 +179,58 @@ class SelectionStore:
                 self.requests[key] = RequestSelection()
             state = self.requests[key]
             state.steady = self._is_steady(req)
+            bs = self.block_size
+            state.in_place = state.steady and all(
+                len(layer.selection.kept) == cdiv(layer.selection.num_tokens, bs) for layer in state.layers.values()
+            )
             bound.append((req, state))
         return bound
+
+    def reads_in_place(self, step: list[tuple[SelectRequest, RequestSelection]]) -> bool:
+        """Every request of the step is a steady decode that has evicted nothing: its output is
+        plain causal attention over its own block table row (the stock kernel's), and only
+        :meth:`record` remains for the store."""
+        return self.batch_decode and bool(step) and all(state.in_place and state.layers for _, state in step)
+
+    def record(self, layer_name: str, query: torch.Tensor, kv_cache: torch.Tensor,
+               step: list[tuple[SelectRequest, RequestSelection]], *, scale: float, rope: Rope | None) -> None:
+        """A :meth:`reads_in_place` step of one layer, its output already computed: extend each
+        selection by the step's token and keep the query for the next scoring (scoring the
+        kept ones first once :data:`MASS_BATCH` wait)."""
+        attention = self.policy.config.score == "attention"
+        queries = query.index_select(0, torch.tensor([req.q_start for req, _ in step])) if attention else None
+        self.recorded_steps += len(step)
+        for i, (req, state) in enumerate(step):
+            layer = state.layers[layer_name]
+            sel = layer.selection
+            if sel.num_tokens != req.first_pos:
+                raise RuntimeError(
+                    f"vllm-kvstream: {self.policy.name} selection of layer {layer_name} holds "
+                    f"{sel.num_tokens} tokens but the step starts at {req.first_pos}"
+                )
+            if attention:
+                if len(layer.pending) >= MASS_BATCH:
+                    self.score_pending(layer, req, kv_cache, scale=scale, rope=rope)
+                layer.pending.append((queries, i))
+            sel.extend(req.seq_len)
+
+    def score_pending(self, layer: LayerSelection, req: SelectRequest, kv_cache: torch.Tensor, *, scale: float,
+                      rope: Rope | None) -> None:
+        """Score the recorded queries of one request and layer, as one causal chunk of queries
+        ending at the selection's last token (the order and decay of one query a step)."""
+        if not layer.pending:
+            return
+        sel = layer.selection
+        queries = torch.stack([q[i] for q, i in layer.pending])
+        k = queries.shape[0]
+        layer.pending = []
+        kept = sel.kept
+        mass = self._selected_attention(
+            queries, kv_cache, self._read_ids([layer.location(lb, req.row) for lb in kept]), torch.tensor(kept),
+            num_tokens=sel.num_tokens, first_pos=sel.num_tokens - k, scale=scale, rope=rope,
+            decay=self.policy.config.decay, out=torch.empty_like(queries),
+        )
+        sel.add_mass(dict(zip(kept, mass.tolist())), queries=k)
 
     def run(
         self,
@@ -181,6 +255,7 @@ class SelectionStore:
                     f"vllm-kvstream: {self.policy.name} selection of layer {layer_name} holds "
                     f"{layer.selection.num_tokens} tokens but the step starts at {req.first_pos}"
                 )
+            self.score_pending(layer, req, kv_cache, scale=scale, rope=rope)  # older queries count first
             if state.steady:
                 steady.append((req, layer))
                 continue
