@@ -41,10 +41,10 @@ def _load_main(page, rows, rmask, i, CODES_OFF: tl.constexpr, BITS: tl.constexpr
 @triton.jit
 def store_kernel(
     key_ptr, value_ptr, pos_ptr, cache_ptr, ema_ptr,
-    wblock_ptr, wt0_ptr, wn_ptr, woff_ptr,
+    wblock_ptr, wt0_ptr, wn_ptr, woff_ptr, edges_ptr,
     stride_kn, stride_kh, stride_vn, stride_vh,
     H: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
-    BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr,
+    BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr, VNF4: tl.constexpr,
     K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr,
     K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
     OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr,
@@ -146,8 +146,19 @@ def store_kernel(
     v2 = tl.load(vbase + ch2[None, :], mask=new[:, None], other=0.0).to(tl.float32)
     vabs = tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)).to(tl.float16).to(tl.float32)
     tl.store(f16 + V_SCALE_OFF // 2 + s, vabs.to(tl.float16), mask=new)
-    n1 = _encode(v1, vabs[:, None], QMAX)
-    n2 = _encode(v2, vabs[:, None], QMAX)
+    if VNF4:  # the nearest NF4 level: how many decision thresholds the scaled value reaches
+        vsc = tl.where(vabs > 0, vabs, 1.0)
+        y1 = v1 / vsc[:, None]
+        y2 = v2 / vsc[:, None]
+        n1 = tl.zeros((BT, HALF), tl.int32)
+        n2 = tl.zeros((BT, HALF), tl.int32)
+        for e in tl.static_range(15):
+            edge = tl.load(edges_ptr + e)
+            n1 += (y1 >= edge).to(tl.int32)
+            n2 += (y2 >= edge).to(tl.int32)
+    else:
+        n1 = _encode(v1, vabs[:, None], QMAX)
+        n2 = _encode(v2, vabs[:, None], QMAX)
     if BITS == 8:
         base = page + V_CODES_OFF + s[:, None] * CODE_BYTES + i[None, :]
         tl.store(base, n1.to(tl.uint8), mask=new[:, None])
@@ -168,10 +179,11 @@ def store_kernel(
 
 @triton.jit
 def decode_kernel(
-    q_ptr, cache_ptr, blocks_ptr, starts_ptr, ends_ptr, ranks_ptr, cos_ptr, sin_ptr, out_ptr,
+    q_ptr, cache_ptr, blocks_ptr, starts_ptr, ends_ptr, ranks_ptr, cos_ptr, sin_ptr, levels_ptr, out_ptr,
     M, scale,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr,
     BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr, ROPE: tl.constexpr,
+    VNF4: tl.constexpr,
     K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr,
     K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
     OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr,
@@ -229,10 +241,14 @@ def decode_kernel(
             alpha = tl.exp(m_i - m_new)
             pr = tl.exp(sc - m_new[:, None])
             l_i = l_i * alpha + tl.sum(pr, axis=1)
-            vab = tl.load(f16 + V_SCALE_OFF // 2 + s, mask=rows, other=0.0).to(tl.float32) / QMAX
+            vab = tl.load(f16 + V_SCALE_OFF // 2 + s, mask=rows, other=0.0).to(tl.float32)
             d1, d2 = _load_main(page, s, rows, i, V_CODES_OFF, BITS, HALF)
-            v1 = d1 * vab[:, None]
-            v2 = d2 * vab[:, None]
+            if VNF4:  # codes index the NF4 levels, scaled by the token's absmax
+                v1 = tl.load(levels_ptr + (d1 + 8.0).to(tl.int32)) * vab[:, None]
+                v2 = tl.load(levels_ptr + (d2 + 8.0).to(tl.int32)) * vab[:, None]
+            else:
+                v1 = d1 * (vab / QMAX)[:, None]
+                v2 = d2 * (vab / QMAX)[:, None]
             acc1 = acc1 * alpha[:, None] + tl.sum(pr[:, :, None] * v1[None, :, :], axis=1)
             acc2 = acc2 * alpha[:, None] + tl.sum(pr[:, :, None] * v2[None, :, :], axis=1)
             m_i = m_new

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from vllm_kvstream.kernels.kv_quant import QuantLayout, QuantStats, quant_write_ref
+from vllm_kvstream.kernels.kv_quant import NF4, NF4_EDGES, QuantLayout, QuantStats, quant_write_ref
 from vllm_kvstream.kernels.rope import Rope
 
 
@@ -41,8 +41,10 @@ def _layout_args(layout: QuantLayout) -> dict:
     L = layout
     if L.key_scale != "channel":
         raise NotImplementedError(f"the Triton kernels implement key_scale='channel' only, got {L.key_scale!r}")
+    if L.key_zero_point:
+        raise NotImplementedError("the Triton kernels implement symmetric keys only (key_zero_point=False)")
     return dict(
-        BITS=L.bits, S=L.sink_tokens, NOUT=L.n_out,
+        BITS=L.bits, S=L.sink_tokens, NOUT=L.n_out, VNF4=L.value_levels == "nf4",
         K_SCALE_OFF=L.k_scale_off, V_SCALE_OFF=L.v_scale_off, SINK_SCALE_OFF=L.sink_scale_off,
         K_CODES_OFF=L.k_codes_off, V_CODES_OFF=L.v_codes_off, SINK_K_OFF=L.sink_k_off,
         OUT_IDX_OFF=L.out_idx_off, OUT_K_OFF=L.out_k_off, HEAD_BYTES=L.head_bytes,
@@ -78,13 +80,13 @@ def quant_store(
     L = layout
     sink = positions < L.sink_tokens
     if bool((~sink).any()):
-        stats.update(key_pre[~sink].float().abs().amax(dim=0))
+        stats.update(key_pre[~sink].float())
     blocks, t0, counts, off0 = write_segments(slots, L.block_size)
     heads = key_pre.shape[1]
     grid = (len(blocks), heads)
     store_kernel[grid](
         key_pre, value, positions.to(torch.int64), cache, stats.ema_absmax,
-        blocks, t0, counts, off0,
+        blocks, t0, counts, off0, NF4_EDGES.to(key_pre.device),
         key_pre.stride(0), key_pre.stride(1), value.stride(0), value.stride(1),
         H=heads, HALF=L.head_size // 2, BT=_next_pow2(L.block_size), BS=L.block_size, NEOX=is_neox_style,
         **_layout_args(L),
@@ -124,7 +126,7 @@ def quant_decode_attention(
         cos = sin = torch.zeros(1, device=query.device)
     decode_kernel[(B, kv_heads)](
         query.float().contiguous(), cache, blocks.to(torch.int64).contiguous(), starts.to(torch.int32).contiguous(),
-        ends.to(torch.int32).contiguous(), ranks.to(torch.int32).contiguous(), cos, sin, out,
+        ends.to(torch.int32).contiguous(), ranks.to(torch.int32).contiguous(), cos, sin, NF4.to(query.device), out,
         M, scale,
         H=kv_heads, G=group, GP=_next_pow2(group), HALF=D // 2, BT=_next_pow2(L.block_size),
         NEOX=rope.is_neox_style if rope is not None else True, ROPE=rope is not None, **_layout_args(L),

@@ -38,6 +38,10 @@ class KVQuantConfig(BaseModel):
     # Ablation knobs: the method is channel + pre; the others exist to show what each buys.
     key_scale: Literal["channel", "token"] = Field("channel", description="keys scaled per channel (the method) or per token (naive)")
     key_rope: Literal["pre", "post"] = Field("pre", description="keys quantized before RoPE (the method) or after it")
+    key_range: Literal["auto", "asymmetric", "symmetric"] = Field(
+        "auto", description="key channels by min and max (a zero point) or +-absmax; auto: asymmetric at int4, symmetric at int8")
+    value_levels: Literal["auto", "nf4", "uniform"] = Field(
+        "auto", description="value codes on NF4 levels or uniform steps; auto: nf4 at int4, uniform at int8 (nf4 needs int4)")
 
 
 @dataclass(frozen=True)
@@ -51,12 +55,24 @@ class KVQuant:
     def bits(self) -> int:
         return QUANT_METHODS[self.method]
 
+    @property
+    def key_zero_point(self) -> bool:
+        """Keys by channel min and max (``key_range``; ``auto``: at INT4 with channel scales)."""
+        r = self.config.key_range
+        return r == "asymmetric" or (r == "auto" and self.bits == 4 and self.config.key_scale == "channel")
+
+    @property
+    def value_levels(self) -> str:
+        v = self.config.value_levels
+        return ("nf4" if self.bits == 4 else "uniform") if v == "auto" else v
+
     def describe(self) -> str:
         c = self.config
         extra = f", {c.outlier_channels} outlier channels" if self.bits == 4 and c.key_scale == "channel" else ""
+        keys = "min-max" if self.key_zero_point else "absmax"
         return (
-            f"{self.method} (keys per {c.key_scale} {'before' if c.key_rope == 'pre' else 'after'} RoPE, values per token, "
-            f"{c.sink_tokens} sink tokens at 8 bits{extra})"
+            f"{self.method} (keys per {c.key_scale} ({keys}) {'before' if c.key_rope == 'pre' else 'after'} RoPE, "
+            f"values per token ({self.value_levels}), {c.sink_tokens} sink tokens at 8 bits{extra})"
         )
 
     def normalized(self) -> dict[str, Any]:
@@ -81,7 +97,14 @@ def parse_quant(method: Any, params: Any = None) -> KVQuant | None:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors())
         allowed = ", ".join(f"{k} ({f.description})" for k, f in KVQuantConfig.model_fields.items())
         raise KVStreamConfigError(f"invalid {QUANT_PARAMS_KEY}: {problems}. Allowed: {allowed}.") from None
-    return KVQuant(method, config)
+    quant = KVQuant(method, config)
+    if quant.value_levels == "nf4" and quant.bits != 4:
+        raise KVStreamConfigError(f"invalid {QUANT_PARAMS_KEY}: value_levels='nf4' needs --kv-quant int4, got {method!r}; "
+                                  "allowed at int8: 'uniform' or 'auto'")
+    if quant.key_zero_point and config.key_scale != "channel":
+        raise KVStreamConfigError(f"invalid {QUANT_PARAMS_KEY}: key_range='asymmetric' needs key_scale='channel', "
+                                  f"got {config.key_scale!r}")
+    return quant
 
 
 def quant_from_additional_config(additional_config: Mapping[str, Any] | None) -> KVQuant | None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vllm_kvstream.kernels.kv_quant import (
+    NF4,
     PageView,
     QuantLayout,
     QuantStats,
@@ -49,15 +50,17 @@ def test_layout_rejects_bad_values(bad):
 
 
 def _stream(bits, *, D=32, H=2, bs=8, n=45, chunks=(13, 1, 1, 7, 1, 20, 1, 1, 1), seed=0, neox=True, nb=16,
-            writer=None, outlier_scale=8.0):
+            writer=None, outlier_scale=8.0, offset=0.0, **layout):
     """Write ``n`` tokens in the given chunk sizes into shuffled physical blocks (the rest of
-    the cache is garbage). Returns the cache, the pre-RoPE keys, values, the block row."""
+    the cache is garbage). Returns the cache, the pre-RoPE keys, values, the block row.
+    ``offset``: added to key channel 7 (a channel off zero, as pre-RoPE keys have)."""
     gen = torch.Generator().manual_seed(seed)
-    L = QuantLayout(bits, D, bs, sink_tokens=3, outlier_channels=2)
+    L = QuantLayout(bits, D, bs, sink_tokens=3, outlier_channels=2, **layout)
     cache = torch.randint(0, 256, (nb, H, L.head_bytes), dtype=torch.uint8, generator=gen)
     rope = Rope.from_base(D, 10000.0, 1024, is_neox_style=neox)
     k_pre = torch.randn(n, H, D, generator=gen)
     k_pre[:, :, 5] *= outlier_scale  # an outlier channel
+    k_pre[:, :, 7] += offset
     k_pre[:3] *= 6.0  # sinks: outsized keys
     v = torch.randn(n, H, D, generator=gen)
     row = torch.randperm(nb, generator=gen)[: -(-n // bs)]
@@ -177,11 +180,14 @@ def _ref_writer(k_pre, v, cache, slots, pos, stats, L, neox):
     quant_write_ref(k_pre, v, cache, slots, pos, stats, L, rope=None, is_neox_style=neox)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+BITS_LEVELS = [(8, "uniform"), (4, "uniform"), (4, "nf4")]
+
+
+@pytest.mark.parametrize(("bits", "levels"), BITS_LEVELS)
 @pytest.mark.parametrize(("D", "H", "bs", "neox"), [(32, 2, 8, True), (16, 3, 5, False), (64, 1, 16, True)])
-def test_store_kernel_matches_reference(bits, D, H, bs, neox):
+def test_store_kernel_matches_reference(bits, levels, D, H, bs, neox):
     n = 3 * bs + 2
-    kw = dict(D=D, H=H, bs=bs, n=n, neox=neox, seed=bits + D)
+    kw = dict(D=D, H=H, bs=bs, n=n, neox=neox, seed=bits + D, value_levels=levels)
     L, ref, k_pre, v, row, _ = _stream(bits, writer=_ref_writer, **kw)
     _, got, _, _, _, _ = _stream(bits, writer=_triton_writer, **kw)
     k_ref, v_ref = quant_read_ref(ref, row, L, is_neox_style=neox)
@@ -189,6 +195,7 @@ def test_store_kernel_matches_reference(bits, D, H, bs, neox):
     step = PageView(ref, L).k_scale[row].float().amax() / L.qmax
     torch.testing.assert_close(_tokens(k_got, n), _tokens(k_ref, n), atol=float(step) * 1.01, rtol=0)
     torch.testing.assert_close(_tokens(v_got, n), _tokens(v_ref, n), atol=float(v.abs().max()) / L.qmax, rtol=0)
+    assert torch.equal(PageView(ref, L).v_codes[row], PageView(got, L).v_codes[row]) or levels == "uniform"
     # Scales and outlier channels agree exactly; codes differ only on rounding ties.
     a, b = PageView(ref, L), PageView(got, L)
     torch.testing.assert_close(a.k_scale[row], b.k_scale[row], atol=0, rtol=0)
@@ -198,8 +205,8 @@ def test_store_kernel_matches_reference(bits, D, H, bs, neox):
     assert same > 0.99
 
 
-def _decode_case(bits, D, H, G, bs, neox, seed):
-    L, cache, k_pre, v, row, rope = _stream(bits, D=D, H=H, bs=bs, n=6 * bs - 1, neox=neox, seed=seed, nb=24)
+def _decode_case(bits, D, H, G, bs, neox, seed, **layout):
+    L, cache, k_pre, v, row, rope = _stream(bits, D=D, H=H, bs=bs, n=6 * bs - 1, neox=neox, seed=seed, nb=24, **layout)
     nb = cache.shape[0]
     garbage = torch.tensor([b for b in range(nb) if b not in row.tolist()])
     cache[garbage] = 255  # fp16 0xFFFF is NaN: a read of a skipped block would poison the output
@@ -232,12 +239,13 @@ def _decode_case(bits, D, H, G, bs, neox, seed):
     return L, cache, query, blocks, starts, ends, ranks, rope
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("bits", "levels"), BITS_LEVELS)
 @pytest.mark.parametrize(("D", "H", "G", "bs", "neox"), [(32, 2, 3, 8, True), (16, 1, 2, 5, False), (64, 3, 1, 16, True)])
-def test_decode_kernel_matches_reference(bits, D, H, G, bs, neox):
+def test_decode_kernel_matches_reference(bits, levels, D, H, G, bs, neox):
     from vllm_kvstream.kernels.kv_quant_triton import quant_decode_attention
 
-    L, cache, query, blocks, starts, ends, ranks, rope = _decode_case(bits, D, H, G, bs, neox, seed=D + bs)
+    L, cache, query, blocks, starts, ends, ranks, rope = _decode_case(bits, D, H, G, bs, neox, seed=D + bs,
+                                                                      value_levels=levels)
     scale = 1 / math.sqrt(D)
     expected = quant_decode_attention_ref(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
     got = quant_decode_attention(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
@@ -264,14 +272,62 @@ def test_reference_attention_close_to_unquantized():
     assert err < 0.02, err
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize(("bits", "layout"), [(8, {}), (4, {}), (4, {"key_zero_point": True, "value_levels": "nf4"})])
 @pytest.mark.parametrize(("D", "H", "G", "bs", "neox"), [(32, 2, 3, 8, True), (16, 1, 2, 5, False)])
-def test_cpu_decode_path_matches_reference(bits, D, H, G, bs, neox):
+def test_cpu_decode_path_matches_reference(bits, layout, D, H, G, bs, neox):
     from vllm_kvstream.kernels.kv_quant import quant_decode_attention_cpu
 
-    L, cache, query, blocks, starts, ends, ranks, rope = _decode_case(bits, D, H, G, bs, neox, seed=D + bs + 1)
+    L, cache, query, blocks, starts, ends, ranks, rope = _decode_case(bits, D, H, G, bs, neox, seed=D + bs + 1, **layout)
     blocks[starts >= ends] = 10_000  # evicted: an id past the cache, never dereferenced
     scale = 1 / math.sqrt(D)
     expected = quant_decode_attention_ref(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
     got = quant_decode_attention_cpu(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("neox", [True, False])
+def test_zero_point_keys_and_nf4_values_bounded(neox):
+    """INT4 with a per-channel zero point and NF4 values: each key within one step of its
+    block's channel range (a grown range re-encodes once), outlier channel and sinks at 8 bits,
+    each value within half the widest NF4 gap of its token's absmax."""
+    L, cache, k_pre, v, row, _ = _stream(4, neox=neox, offset=5.0, key_zero_point=True, value_levels="nf4")
+    n = k_pre.shape[0]
+    k, vv = quant_read_ref(cache, row, L, is_neox_style=neox)
+    k, vv = _tokens(k, n), _tokens(vv, n)
+    view = PageView(cache, L)
+    hi, lo = view.k_scale[row].float(), view.k_zero[row].float()  # [m, H, D]
+    step = _tokens(((hi - lo) / 15)[:, :, None, :].expand(-1, -1, L.block_size, -1), n)
+    main = torch.ones(L.head_size, dtype=torch.bool)
+    main[5] = False
+    err = (k - k_pre).abs()
+    assert (err[3:, :, main] <= step[3:, :, main] * 1.01 + 1e-3).all()
+    assert (lo[..., 7] > 0).any()  # the offset channel's range does not straddle zero
+    assert (err[3:, :, 5] <= k_pre[3:, :, 5].abs().amax() / 127 + 1e-3).all()
+    assert (err[:3] <= k_pre[:3].abs().amax(dim=-1, keepdim=True) / 127 * 0.51 + 1e-3).all()
+    half_gap = float((NF4[1:] - NF4[:-1]).max()) / 2
+    assert ((vv - v).abs() <= v.abs().amax(dim=-1, keepdim=True) * half_gap * 1.01 + 1e-3).all()
+
+
+def test_zero_point_and_nf4_beat_symmetric_uniform_int4():
+    """What each INT4 refinement buys on its own kind of data: an offset key channel (pre-RoPE
+    keys have them) and bell-shaped values."""
+    sym = _stream(4, offset=6.0, n=64, chunks=(64,), bs=16, outlier_scale=1.0)
+    zp = _stream(4, offset=6.0, n=64, chunks=(64,), bs=16, outlier_scale=1.0, key_zero_point=True, value_levels="nf4")
+    errs = {}
+    for name, (L, cache, k_pre, v, row, _) in (("sym", sym), ("zp", zp)):
+        k, vv = quant_read_ref(cache, row, L)
+        errs[name] = (float((_tokens(k, 64) - k_pre)[3:].norm() / k_pre[3:].norm()),
+                      float((_tokens(vv, 64) - v).norm() / v.norm()))
+    assert errs["zp"][0] < errs["sym"][0] * 0.8
+    assert errs["zp"][1] < errs["sym"][1] * 0.95  # Gaussian values: 0.088 against 0.095
+
+
+def test_layout_options_validated_and_counted():
+    L = QuantLayout(4, 64, 128, key_zero_point=True, value_levels="nf4", align=128)
+    assert L.v_scale_off == L.k_zero_off + 2 * 64 and L.ratio_to(2) >= 3.5
+    with pytest.raises(ValueError, match="value_levels='nf4' needs bits=4"):
+        QuantLayout(8, 64, 128, value_levels="nf4")
+    with pytest.raises(ValueError, match="value_levels='mu-law'; allowed: uniform, nf4"):
+        QuantLayout(4, 64, 128, value_levels="mu-law")
+    with pytest.raises(ValueError, match="key_zero_point needs key_scale='channel'"):
+        QuantLayout(4, 64, 128, key_zero_point=True, key_scale="token")

@@ -101,6 +101,7 @@ def quant_layout(quant: KVQuant | None, head_size: int, block_size: int) -> Quan
         return QuantLayout(
             quant.bits, head_size, block_size,
             sink_tokens=c.sink_tokens, outlier_channels=c.outlier_channels, align=block_size, key_scale=c.key_scale,
+            key_zero_point=quant.key_zero_point, value_levels=quant.value_levels,
         )
     except ValueError as exc:
         raise KVStreamConfigError(f"--kv-quant {quant.method} with block size {block_size}, head size {head_size}: {exc}") from None
