@@ -25,6 +25,17 @@ def _encode(x, absmax, QMAX: tl.constexpr):
     return (q + QMAX + 1).to(tl.int32)
 
 @triton.jit
+def _encode_range(x, lo, hi, TOP: tl.constexpr):
+    step = tl.where(hi > lo, (hi - lo) / TOP, 1.0)
+    q = tl.floor((x - lo) / step + 0.5)
+    return tl.minimum(tl.maximum(q, 0.0), TOP).to(tl.int32)
+
+@triton.jit
+def _pick(ch, cho, a, b):
+    """Channel ``cho``'s entry of ``a`` and ``b`` (``[HALF]`` each, channels ``ch``), as scalars."""
+    return tl.sum(tl.where(ch == cho, a, 0.0), axis=0), tl.sum(tl.where(ch == cho, b, 0.0), axis=0)
+
+@triton.jit
 def _load_main(page, rows, rmask, i, CODES_OFF: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr):
     """Main codes of ``rows`` as two halves of signed integers (float32)."""
     if BITS == 8:
@@ -40,17 +51,22 @@ def _load_main(page, rows, rmask, i, CODES_OFF: tl.constexpr, BITS: tl.constexpr
 
 @triton.jit
 def store_kernel(
-    key_ptr, value_ptr, pos_ptr, cache_ptr, ema_ptr,
+    key_ptr, value_ptr, pos_ptr, cache_ptr, ema_ptr, emin_ptr, emax_ptr,
     wblock_ptr, wt0_ptr, wn_ptr, woff_ptr, edges_ptr,
     stride_kn, stride_kh, stride_vn, stride_vh,
     H: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
     BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr, VNF4: tl.constexpr,
+    KZP: tl.constexpr, K_ZERO_OFF: tl.constexpr,
     K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr,
     K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
     OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr,
 ):
     QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
     ZERO: tl.constexpr = QMAX + 1
+    TOP: tl.constexpr = 2 ** BITS - 1
+    BIG: tl.constexpr = 3.0e38
+    # Main code of sink slots and outlier channels (readers take those from their sections).
+    FILL: tl.constexpr = 0 if KZP else QMAX + 1
     D: tl.constexpr = 2 * HALF
     CODE_BYTES: tl.constexpr = D * BITS // 8
     w = tl.program_id(0)
@@ -84,30 +100,67 @@ def store_kernel(
     whole = start & (n == BS) & (tl.max(nonsink.to(tl.int32), axis=0) > 0)
     e1 = tl.where(whole, 0.0, e1)
     e2 = tl.where(whole, 0.0, e2)
-    abs1 = tl.maximum(tl.where(start, e1, old1), a1).to(tl.float16).to(tl.float32)
-    abs2 = tl.maximum(tl.where(start, e2, old2), a2).to(tl.float16).to(tl.float32)
-    grown = tl.max((abs1 > old1).to(tl.int32), axis=0) + tl.max((abs2 > old2).to(tl.int32), axis=0)
-    # Earlier tokens of a block whose scale grew: decode with the old scale, re-encode below.
+    if KZP:  # a channel's range is its min and max (a zero point), not +-absmax
+        n1 = tl.min(tl.where(nonsink[:, None], k1, BIG), axis=0)
+        n2 = tl.min(tl.where(nonsink[:, None], k2, BIG), axis=0)
+        x1 = tl.max(tl.where(nonsink[:, None], k1, -BIG), axis=0)
+        x2 = tl.max(tl.where(nonsink[:, None], k2, -BIG), axis=0)
+        oldlo1 = tl.load(f16 + K_ZERO_OFF // 2 + ch1, mask=hasold, other=0.0).to(tl.float32)
+        oldlo2 = tl.load(f16 + K_ZERO_OFF // 2 + ch2, mask=hasold, other=0.0).to(tl.float32)
+        lo1 = tl.where(start, tl.where(whole, BIG, tl.load(emin_ptr + h * D + ch1)), oldlo1)
+        lo2 = tl.where(start, tl.where(whole, BIG, tl.load(emin_ptr + h * D + ch2)), oldlo2)
+        hi1 = tl.where(start, tl.where(whole, -BIG, tl.load(emax_ptr + h * D + ch1)), old1)
+        hi2 = tl.where(start, tl.where(whole, -BIG, tl.load(emax_ptr + h * D + ch2)), old2)
+        lo1 = tl.minimum(lo1, n1).to(tl.float16).to(tl.float32)
+        lo2 = tl.minimum(lo2, n2).to(tl.float16).to(tl.float32)
+        hi1 = tl.maximum(hi1, x1).to(tl.float16).to(tl.float32)
+        hi2 = tl.maximum(hi2, x2).to(tl.float16).to(tl.float32)
+        grown = (tl.max((hi1 > old1).to(tl.int32), axis=0) + tl.max((hi2 > old2).to(tl.int32), axis=0)
+                 + tl.max((lo1 < oldlo1).to(tl.int32), axis=0) + tl.max((lo2 < oldlo2).to(tl.int32), axis=0))
+    else:
+        hi1 = tl.maximum(tl.where(start, e1, old1), a1).to(tl.float16).to(tl.float32)
+        hi2 = tl.maximum(tl.where(start, e2, old2), a2).to(tl.float16).to(tl.float32)
+        lo1 = -hi1
+        lo2 = -hi2
+        oldlo1 = -old1
+        oldlo2 = -old2
+        grown = tl.max((hi1 > old1).to(tl.int32), axis=0) + tl.max((hi2 > old2).to(tl.int32), axis=0)
+    # Earlier tokens of a block whose range grew: decode with the old range, re-encode below.
     prev = (s < off0) & ((s * 0 + grown) > 0)
     p1, p2 = _load_main(page, s, prev, i, K_CODES_OFF, BITS, HALF)
-    p1 = p1 * (old1[None, :] / QMAX)
-    p2 = p2 * (old2[None, :] / QMAX)
+    if KZP:
+        p1 = oldlo1[None, :] + (p1 + ZERO) * ((old1 - oldlo1)[None, :] / TOP)
+        p2 = oldlo2[None, :] + (p2 + ZERO) * ((old2 - oldlo2)[None, :] / TOP)
+    else:
+        p1 = p1 * (old1[None, :] / QMAX)
+        p2 = p2 * (old2[None, :] / QMAX)
     for o in tl.static_range(NOUT):
         cho = tl.load(page + OUT_IDX_OFF + o).to(tl.int32)
-        old_o = tl.sum(tl.where(ch1 == cho, old1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, old2, 0.0), axis=0)
+        oh1, oh2 = _pick(ch1, cho, old1, tl.maximum(old1, -oldlo1))
+        oh3, oh4 = _pick(ch2, cho, old2, tl.maximum(old2, -oldlo2))
+        old_o = oh2 + oh4
         co = tl.load(page + OUT_K_OFF + s * NOUT + o, mask=prev, other=128).to(tl.float32) - 128.0
         vo = co * (old_o / 127.0)
-        p1 += tl.where(ch1[None, :] == cho, vo[:, None], 0.0)
-        p2 += tl.where(ch2[None, :] == cho, vo[:, None], 0.0)
+        p1 = tl.where(ch1[None, :] == cho, vo[:, None], p1)
+        p2 = tl.where(ch2[None, :] == cho, vo[:, None], p2)
     k1 = tl.where(prev[:, None], p1, k1)
     k2 = tl.where(prev[:, None], p2, k2)
     tl.debug_barrier()
     enc = new | prev
-    m1 = tl.where(sink[:, None], ZERO, _encode(k1, abs1[None, :], QMAX))
-    m2 = tl.where(sink[:, None], ZERO, _encode(k2, abs2[None, :], QMAX))
-    # Outlier channels: this block's top-NOUT channel scales (chosen when it starts).
-    w1 = abs1
-    w2 = abs2
+    if KZP:
+        m1 = tl.where(sink[:, None], FILL, _encode_range(k1, lo1[None, :], hi1[None, :], TOP))
+        m2 = tl.where(sink[:, None], FILL, _encode_range(k2, lo2[None, :], hi2[None, :], TOP))
+        w1 = hi1 - lo1
+        w2 = hi2 - lo2
+    else:
+        m1 = tl.where(sink[:, None], FILL, _encode(k1, hi1[None, :], QMAX))
+        m2 = tl.where(sink[:, None], FILL, _encode(k2, hi2[None, :], QMAX))
+        w1 = hi1
+        w2 = hi2
+    # Outlier channels: this block's NOUT widest channels (chosen when it starts), 8 bits
+    # against the channel's absmax.
+    abs1 = tl.maximum(hi1, -lo1)
+    abs2 = tl.maximum(hi2, -lo2)
     for o in tl.static_range(NOUT):
         j1 = tl.argmax(w1, axis=0)
         j2 = tl.argmax(w2, axis=0)
@@ -130,16 +183,19 @@ def store_kernel(
         col = tl.sum(tl.where(ch1[None, :] == cho, k1, 0.0), axis=1) + tl.sum(tl.where(ch2[None, :] == cho, k2, 0.0), axis=1)
         oc = tl.where(sink, 128, _encode(col, abs_o, 127))
         tl.store(page + OUT_K_OFF + s * NOUT + o, oc.to(tl.uint8), mask=enc)
-        m1 = tl.where(ch1[None, :] == cho, ZERO, m1)
-        m2 = tl.where(ch2[None, :] == cho, ZERO, m2)
+        m1 = tl.where(ch1[None, :] == cho, FILL, m1)
+        m2 = tl.where(ch2[None, :] == cho, FILL, m2)
     if BITS == 8:
         base = page + K_CODES_OFF + s[:, None] * CODE_BYTES + i[None, :]
         tl.store(base, m1.to(tl.uint8), mask=enc[:, None])
         tl.store(base + HALF, m2.to(tl.uint8), mask=enc[:, None])
     else:
         tl.store(page + K_CODES_OFF + s[:, None] * CODE_BYTES + i[None, :], (m1 | (m2 << 4)).to(tl.uint8), mask=enc[:, None])
-    tl.store(f16 + K_SCALE_OFF // 2 + ch1, abs1.to(tl.float16))
-    tl.store(f16 + K_SCALE_OFF // 2 + ch2, abs2.to(tl.float16))
+    tl.store(f16 + K_SCALE_OFF // 2 + ch1, hi1.to(tl.float16))
+    tl.store(f16 + K_SCALE_OFF // 2 + ch2, hi2.to(tl.float16))
+    if KZP:
+        tl.store(f16 + K_ZERO_OFF // 2 + ch1, lo1.to(tl.float16))
+        tl.store(f16 + K_ZERO_OFF // 2 + ch2, lo2.to(tl.float16))
     # Values: per token.
     vbase = value_ptr + tok[:, None] * stride_vn + h * stride_vh
     v1 = tl.load(vbase + ch1[None, :], mask=new[:, None], other=0.0).to(tl.float32)
@@ -168,7 +224,7 @@ def store_kernel(
     # Sink keys: 8 bits per token; a starting block clears the slots no sink fills.
     if S > 0:
         sabs = tl.maximum(tl.max(tl.abs(k1), axis=1), tl.max(tl.abs(k2), axis=1)).to(tl.float16).to(tl.float32)
-        sabs = tl.where(sink, sabs, 0.0)
+        sabs = tl.where(sink, tl.maximum(sabs, 5.960464477539063e-08), 0.0)  # > 0 marks a sink slot
         area = (s < S) & (sink | ((s * 0 + off0) == 0))
         tl.store(f16 + SINK_SCALE_OFF // 2 + s, sabs.to(tl.float16), mask=area)
         q1 = tl.where(sink[:, None], _encode(k1, sabs[:, None], 127), 128)
@@ -183,12 +239,13 @@ def decode_kernel(
     M, scale,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr,
     BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr, ROPE: tl.constexpr,
-    VNF4: tl.constexpr,
+    VNF4: tl.constexpr, KZP: tl.constexpr, K_ZERO_OFF: tl.constexpr,
     K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr,
     K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
     OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr,
 ):
     QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+    TOP: tl.constexpr = 2 ** BITS - 1
     D: tl.constexpr = 2 * HALF
     r = tl.program_id(0)
     h = tl.program_id(1)
@@ -216,20 +273,34 @@ def decode_kernel(
             kab1 = tl.load(f16 + K_SCALE_OFF // 2 + ch1).to(tl.float32)
             kab2 = tl.load(f16 + K_SCALE_OFF // 2 + ch2).to(tl.float32)
             c1, c2 = _load_main(page, s, rows, i, K_CODES_OFF, BITS, HALF)
-            k1 = c1 * (kab1[None, :] / QMAX)
-            k2 = c2 * (kab2[None, :] / QMAX)
+            if KZP:  # codes 0..TOP across the channel's [min, max]
+                klo1 = tl.load(f16 + K_ZERO_OFF // 2 + ch1).to(tl.float32)
+                klo2 = tl.load(f16 + K_ZERO_OFF // 2 + ch2).to(tl.float32)
+                k1 = klo1[None, :] + (c1 + (QMAX + 1)) * ((kab1 - klo1)[None, :] / TOP)
+                k2 = klo2[None, :] + (c2 + (QMAX + 1)) * ((kab2 - klo2)[None, :] / TOP)
+                oab1 = tl.maximum(kab1, -klo1)
+                oab2 = tl.maximum(kab2, -klo2)
+            else:
+                k1 = c1 * (kab1[None, :] / QMAX)
+                k2 = c2 * (kab2[None, :] / QMAX)
+                oab1 = kab1
+                oab2 = kab2
+            # Outlier channels and sink slots: taken from their own sections.
             for o in tl.static_range(NOUT):
                 cho = tl.load(page + OUT_IDX_OFF + o).to(tl.int32)
-                abs_o = tl.sum(tl.where(ch1 == cho, kab1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, kab2, 0.0), axis=0)
+                abs_o = tl.sum(tl.where(ch1 == cho, oab1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, oab2, 0.0), axis=0)
                 vo = (tl.load(page + OUT_K_OFF + s * NOUT + o, mask=rows, other=128).to(tl.float32) - 128.0) * (abs_o / 127.0)
-                k1 += tl.where(ch1[None, :] == cho, vo[:, None], 0.0)
-                k2 += tl.where(ch2[None, :] == cho, vo[:, None], 0.0)
+                k1 = tl.where(ch1[None, :] == cho, vo[:, None], k1)
+                k2 = tl.where(ch2[None, :] == cho, vo[:, None], k2)
             if S > 0:
                 srows = rows & (s < S)
                 ss = tl.load(f16 + SINK_SCALE_OFF // 2 + s, mask=srows, other=0.0).to(tl.float32) / 127.0
+                srows = srows & (ss > 0)
                 sbase = page + SINK_K_OFF + s[:, None] * D
-                k1 += (tl.load(sbase + ch1[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
-                k2 += (tl.load(sbase + ch2[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
+                sk1 = (tl.load(sbase + ch1[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
+                sk2 = (tl.load(sbase + ch2[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
+                k1 = tl.where(srows[:, None], sk1, k1)
+                k2 = tl.where(srows[:, None], sk2, k2)
             if ROPE:
                 p = rk + s - a
                 cs = tl.load(cos_ptr + p[:, None] * HALF + i[None, :], mask=rows[:, None], other=1.0)

@@ -41,10 +41,9 @@ def _layout_args(layout: QuantLayout) -> dict:
     L = layout
     if L.key_scale != "channel":
         raise NotImplementedError(f"the Triton kernels implement key_scale='channel' only, got {L.key_scale!r}")
-    if L.key_zero_point:
-        raise NotImplementedError("the Triton kernels implement symmetric keys only (key_zero_point=False)")
     return dict(
         BITS=L.bits, S=L.sink_tokens, NOUT=L.n_out, VNF4=L.value_levels == "nf4",
+        KZP=L.key_zero_point, K_ZERO_OFF=L.k_zero_off,
         K_SCALE_OFF=L.k_scale_off, V_SCALE_OFF=L.v_scale_off, SINK_SCALE_OFF=L.sink_scale_off,
         K_CODES_OFF=L.k_codes_off, V_CODES_OFF=L.v_codes_off, SINK_K_OFF=L.sink_k_off,
         OUT_IDX_OFF=L.out_idx_off, OUT_K_OFF=L.out_k_off, HEAD_BYTES=L.head_bytes,
@@ -85,7 +84,7 @@ def quant_store(
     heads = key_pre.shape[1]
     grid = (len(blocks), heads)
     store_kernel[grid](
-        key_pre, value, positions.to(torch.int64), cache, stats.ema_absmax,
+        key_pre, value, positions.to(torch.int64), cache, stats.ema_absmax, stats.ema_min, stats.ema_max,
         blocks, t0, counts, off0, NF4_EDGES.to(key_pre.device),
         key_pre.stride(0), key_pre.stride(1), value.stride(0), value.stride(1),
         H=heads, HALF=L.head_size // 2, BT=_next_pow2(L.block_size), BS=L.block_size, NEOX=is_neox_style,

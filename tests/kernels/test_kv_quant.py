@@ -180,25 +180,33 @@ def _ref_writer(k_pre, v, cache, slots, pos, stats, L, neox):
     quant_write_ref(k_pre, v, cache, slots, pos, stats, L, rope=None, is_neox_style=neox)
 
 
-BITS_LEVELS = [(8, "uniform"), (4, "uniform"), (4, "nf4")]
+#: Layouts the kernels are tested on: INT8; INT4 symmetric uniform; INT4 with the zero point
+#: and NF4 values (the default); the two INT4 refinements alone.
+LAYOUTS = [
+    (8, {}), (4, {}), (4, {"key_zero_point": True, "value_levels": "nf4"}),
+    (4, {"key_zero_point": True}), (4, {"value_levels": "nf4"}),
+]
 
 
-@pytest.mark.parametrize(("bits", "levels"), BITS_LEVELS)
+@pytest.mark.parametrize(("bits", "layout"), LAYOUTS)
 @pytest.mark.parametrize(("D", "H", "bs", "neox"), [(32, 2, 8, True), (16, 3, 5, False), (64, 1, 16, True)])
-def test_store_kernel_matches_reference(bits, levels, D, H, bs, neox):
+def test_store_kernel_matches_reference(bits, layout, D, H, bs, neox):
     n = 3 * bs + 2
-    kw = dict(D=D, H=H, bs=bs, n=n, neox=neox, seed=bits + D, value_levels=levels)
+    kw = dict(D=D, H=H, bs=bs, n=n, neox=neox, seed=bits + D, offset=3.0, **layout)
     L, ref, k_pre, v, row, _ = _stream(bits, writer=_ref_writer, **kw)
     _, got, _, _, _, _ = _stream(bits, writer=_triton_writer, **kw)
     k_ref, v_ref = quant_read_ref(ref, row, L, is_neox_style=neox)
     k_got, v_got = quant_read_ref(got, row, L, is_neox_style=neox)
-    step = PageView(ref, L).k_scale[row].float().amax() / L.qmax
+    view = PageView(ref, L)
+    step = ((view.k_scale[row].float() - view.k_zero[row].float()).amax() / 15 if L.key_zero_point
+            else view.k_scale[row].float().amax() / L.qmax)
     torch.testing.assert_close(_tokens(k_got, n), _tokens(k_ref, n), atol=float(step) * 1.01, rtol=0)
     torch.testing.assert_close(_tokens(v_got, n), _tokens(v_ref, n), atol=float(v.abs().max()) / L.qmax, rtol=0)
-    assert torch.equal(PageView(ref, L).v_codes[row], PageView(got, L).v_codes[row]) or levels == "uniform"
     # Scales and outlier channels agree exactly; codes differ only on rounding ties.
     a, b = PageView(ref, L), PageView(got, L)
     torch.testing.assert_close(a.k_scale[row], b.k_scale[row], atol=0, rtol=0)
+    torch.testing.assert_close(a.k_zero[row], b.k_zero[row], atol=0, rtol=0)
+    assert (a.v_codes[row] == b.v_codes[row]).float().mean() > 0.99
     if L.n_out:
         assert torch.equal(a.out_idx[row].sort(-1).values, b.out_idx[row].sort(-1).values)
     same = (a.k_codes[row] == b.k_codes[row]).float().mean()
@@ -239,13 +247,12 @@ def _decode_case(bits, D, H, G, bs, neox, seed, **layout):
     return L, cache, query, blocks, starts, ends, ranks, rope
 
 
-@pytest.mark.parametrize(("bits", "levels"), BITS_LEVELS)
+@pytest.mark.parametrize(("bits", "layout"), LAYOUTS)
 @pytest.mark.parametrize(("D", "H", "G", "bs", "neox"), [(32, 2, 3, 8, True), (16, 1, 2, 5, False), (64, 3, 1, 16, True)])
-def test_decode_kernel_matches_reference(bits, levels, D, H, G, bs, neox):
+def test_decode_kernel_matches_reference(bits, layout, D, H, G, bs, neox):
     from vllm_kvstream.kernels.kv_quant_triton import quant_decode_attention
 
-    L, cache, query, blocks, starts, ends, ranks, rope = _decode_case(bits, D, H, G, bs, neox, seed=D + bs,
-                                                                      value_levels=levels)
+    L, cache, query, blocks, starts, ends, ranks, rope = _decode_case(bits, D, H, G, bs, neox, seed=D + bs, **layout)
     scale = 1 / math.sqrt(D)
     expected = quant_decode_attention_ref(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
     got = quant_decode_attention(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
