@@ -234,12 +234,11 @@ class StreamUser(HttpUser):
             messages = [*self.history, {"role": "user", "content": prompts.text_prompt(spec.chat_turn_tokens, self.rng)}]
             self.turn += 1
             api, body = "chat", chat_body(RUN.model, messages, spec.chat_output_tokens)
-        elif kind == "long-stream":
-            api = spec.api
-            body = self._body(api, prompts, spec.long_prompt_tokens, spec.long_output_tokens)
         else:
             api = spec.api
-            body = self._body(api, prompts, spec.short_prompt_tokens, spec.short_output_tokens)
+            sizes = ((spec.long_prompt_tokens, spec.long_output_tokens) if kind == "long-stream"
+                     else (spec.short_prompt_tokens, spec.short_output_tokens))
+            body = self._body(api, prompts, *sizes)
         timer = StreamTimer(kind, api)
         error = ""
         url = "/v1/chat/completions" if api == "chat" else "/v1/completions"

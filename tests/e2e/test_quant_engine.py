@@ -7,7 +7,8 @@ import math
 import pytest
 
 from tests.e2e.conftest import policy_config, run_engine
-from vllm_kvstream.kernels import QuantLayout
+from vllm_kvstream.adapter.kv_manager import quant_layout
+from vllm_kvstream.quant import parse_quant
 
 pytestmark = pytest.mark.e2e
 
@@ -20,8 +21,9 @@ def test_capacity_grows_by_the_byte_ratio_against_bf16(tiny_model):
         got = run_engine({**base, "additional_config": {"kv_quant": method}}, [short])
         ratio = got["num_blocks"] / stock["num_blocks"]
         assert ratio >= need, (method, ratio)
-        # The ratio is the layout's, metadata counted (2 layers of 2 KV heads of 64).
-        assert ratio == pytest.approx(QuantLayout(bits, 64, 128, align=128).ratio_to(2), rel=0.01)
+        # The ratio is the default layout's, metadata counted (2 layers of 2 KV heads of 64).
+        layout = quant_layout(parse_quant(method), 64, 128)
+        assert layout.bits == bits and ratio == pytest.approx(layout.ratio_to(2), rel=0.01)
         assert len(got["jobs"][0]["results"][0]["token_ids"]) == 8
 
 

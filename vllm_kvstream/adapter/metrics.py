@@ -133,7 +133,8 @@ class StreamTracker:
     """Per-request block accounting of one KV manager, recorded into this process's slots.
     ``held`` = blocks in the request's row minus those the policy replaced with the null block."""
 
-    _held_by_manager: dict[int, int] = {}
+    #: Blocks held by every tracker (KV manager) of this process: the gauge is their sum.
+    _held_total: int = 0
 
     def __init__(self) -> None:
         self.metrics = process_metrics()
@@ -148,9 +149,8 @@ class StreamTracker:
         return self.metrics is not None
 
     def _set_held(self, delta: int) -> None:
-        key = id(self)
-        self._held_by_manager[key] = self._held_by_manager.get(key, 0) + delta
-        self.metrics.set("kvstream_blocks_held", float(sum(self._held_by_manager.values())))
+        StreamTracker._held_total += delta
+        self.metrics.set("kvstream_blocks_held", float(StreamTracker._held_total))
 
     def evicted_blocks(self, request_id: str, n: int) -> None:
         if n <= 0:
