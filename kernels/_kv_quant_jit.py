@@ -50,6 +50,68 @@ def _load_main(page, rows, rmask, i, CODES_OFF: tl.constexpr, BITS: tl.constexpr
     return c1, c2
 
 @triton.jit
+def _block_keys(page, s, rows, i, ch1, ch2, HALF: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr,
+                NOUT: tl.constexpr, KZP: tl.constexpr, K_ZERO_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr,
+                K_CODES_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
+                OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr):
+    """Pre-RoPE keys of slots ``rows`` of one page, as the two channel halves ``[BT, HALF]``:
+    main codes, then outlier channels and sink slots from their own sections."""
+    QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+    TOP: tl.constexpr = 2 ** BITS - 1
+    D: tl.constexpr = 2 * HALF
+    f16 = page.to(tl.pointer_type(tl.float16))
+    kab1 = tl.load(f16 + K_SCALE_OFF // 2 + ch1).to(tl.float32)
+    kab2 = tl.load(f16 + K_SCALE_OFF // 2 + ch2).to(tl.float32)
+    c1, c2 = _load_main(page, s, rows, i, K_CODES_OFF, BITS, HALF)
+    if KZP:  # codes 0..TOP across the channel's [min, max]
+        klo1 = tl.load(f16 + K_ZERO_OFF // 2 + ch1).to(tl.float32)
+        klo2 = tl.load(f16 + K_ZERO_OFF // 2 + ch2).to(tl.float32)
+        k1 = klo1[None, :] + (c1 + (QMAX + 1)) * ((kab1 - klo1)[None, :] / TOP)
+        k2 = klo2[None, :] + (c2 + (QMAX + 1)) * ((kab2 - klo2)[None, :] / TOP)
+        oab1 = tl.maximum(kab1, -klo1)
+        oab2 = tl.maximum(kab2, -klo2)
+    else:
+        k1 = c1 * (kab1[None, :] / QMAX)
+        k2 = c2 * (kab2[None, :] / QMAX)
+        oab1 = kab1
+        oab2 = kab2
+    # Outlier channels and sink slots: taken from their own sections.
+    for o in tl.static_range(NOUT):
+        cho = tl.load(page + OUT_IDX_OFF + o).to(tl.int32)
+        abs_o = tl.sum(tl.where(ch1 == cho, oab1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, oab2, 0.0), axis=0)
+        vo = (tl.load(page + OUT_K_OFF + s * NOUT + o, mask=rows, other=128).to(tl.float32) - 128.0) * (abs_o / 127.0)
+        k1 = tl.where(ch1[None, :] == cho, vo[:, None], k1)
+        k2 = tl.where(ch2[None, :] == cho, vo[:, None], k2)
+    if S > 0:
+        srows = rows & (s < S)
+        ss = tl.load(f16 + SINK_SCALE_OFF // 2 + s, mask=srows, other=0.0).to(tl.float32) / 127.0
+        srows = srows & (ss > 0)
+        sbase = page + SINK_K_OFF + s[:, None] * D
+        sk1 = (tl.load(sbase + ch1[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
+        sk2 = (tl.load(sbase + ch2[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
+        k1 = tl.where(srows[:, None], sk1, k1)
+        k2 = tl.where(srows[:, None], sk2, k2)
+    return k1, k2
+
+
+@triton.jit
+def _block_values(page, s, rows, i, HALF: tl.constexpr, BITS: tl.constexpr, VNF4: tl.constexpr,
+                  V_SCALE_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, levels_ptr):
+    """Values of slots ``rows`` of one page, as two channel halves."""
+    QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+    f16 = page.to(tl.pointer_type(tl.float16))
+    vab = tl.load(f16 + V_SCALE_OFF // 2 + s, mask=rows, other=0.0).to(tl.float32)
+    d1, d2 = _load_main(page, s, rows, i, V_CODES_OFF, BITS, HALF)
+    if VNF4:  # codes index the NF4 levels, scaled by the token's absmax
+        v1 = tl.load(levels_ptr + (d1 + 8.0).to(tl.int32)) * vab[:, None]
+        v2 = tl.load(levels_ptr + (d2 + 8.0).to(tl.int32)) * vab[:, None]
+    else:
+        v1 = d1 * (vab / QMAX)[:, None]
+        v2 = d2 * (vab / QMAX)[:, None]
+    return v1, v2
+
+
+@triton.jit
 def store_kernel(
     key_ptr, value_ptr, pos_ptr, cache_ptr, ema_ptr, emin_ptr, emax_ptr,
     wblock_ptr, wt0_ptr, wn_ptr, woff_ptr, edges_ptr,
@@ -268,39 +330,9 @@ def decode_kernel(
             blk = tl.load(blocks_ptr + r * M + j).to(tl.int64)
             rk = tl.load(ranks_ptr + r * M + j)
             page = cache_ptr + (blk * H + h) * HEAD_BYTES
-            f16 = page.to(tl.pointer_type(tl.float16))
             rows = (s >= a) & (s < e)
-            kab1 = tl.load(f16 + K_SCALE_OFF // 2 + ch1).to(tl.float32)
-            kab2 = tl.load(f16 + K_SCALE_OFF // 2 + ch2).to(tl.float32)
-            c1, c2 = _load_main(page, s, rows, i, K_CODES_OFF, BITS, HALF)
-            if KZP:  # codes 0..TOP across the channel's [min, max]
-                klo1 = tl.load(f16 + K_ZERO_OFF // 2 + ch1).to(tl.float32)
-                klo2 = tl.load(f16 + K_ZERO_OFF // 2 + ch2).to(tl.float32)
-                k1 = klo1[None, :] + (c1 + (QMAX + 1)) * ((kab1 - klo1)[None, :] / TOP)
-                k2 = klo2[None, :] + (c2 + (QMAX + 1)) * ((kab2 - klo2)[None, :] / TOP)
-                oab1 = tl.maximum(kab1, -klo1)
-                oab2 = tl.maximum(kab2, -klo2)
-            else:
-                k1 = c1 * (kab1[None, :] / QMAX)
-                k2 = c2 * (kab2[None, :] / QMAX)
-                oab1 = kab1
-                oab2 = kab2
-            # Outlier channels and sink slots: taken from their own sections.
-            for o in tl.static_range(NOUT):
-                cho = tl.load(page + OUT_IDX_OFF + o).to(tl.int32)
-                abs_o = tl.sum(tl.where(ch1 == cho, oab1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, oab2, 0.0), axis=0)
-                vo = (tl.load(page + OUT_K_OFF + s * NOUT + o, mask=rows, other=128).to(tl.float32) - 128.0) * (abs_o / 127.0)
-                k1 = tl.where(ch1[None, :] == cho, vo[:, None], k1)
-                k2 = tl.where(ch2[None, :] == cho, vo[:, None], k2)
-            if S > 0:
-                srows = rows & (s < S)
-                ss = tl.load(f16 + SINK_SCALE_OFF // 2 + s, mask=srows, other=0.0).to(tl.float32) / 127.0
-                srows = srows & (ss > 0)
-                sbase = page + SINK_K_OFF + s[:, None] * D
-                sk1 = (tl.load(sbase + ch1[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
-                sk2 = (tl.load(sbase + ch2[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
-                k1 = tl.where(srows[:, None], sk1, k1)
-                k2 = tl.where(srows[:, None], sk2, k2)
+            k1, k2 = _block_keys(page, s, rows, i, ch1, ch2, HALF, BITS, S, NOUT, KZP, K_ZERO_OFF, K_SCALE_OFF,
+                                 K_CODES_OFF, SINK_SCALE_OFF, SINK_K_OFF, OUT_IDX_OFF, OUT_K_OFF)
             if ROPE:
                 p = rk + s - a
                 cs = tl.load(cos_ptr + p[:, None] * HALF + i[None, :], mask=rows[:, None], other=1.0)
@@ -312,14 +344,7 @@ def decode_kernel(
             alpha = tl.exp(m_i - m_new)
             pr = tl.exp(sc - m_new[:, None])
             l_i = l_i * alpha + tl.sum(pr, axis=1)
-            vab = tl.load(f16 + V_SCALE_OFF // 2 + s, mask=rows, other=0.0).to(tl.float32)
-            d1, d2 = _load_main(page, s, rows, i, V_CODES_OFF, BITS, HALF)
-            if VNF4:  # codes index the NF4 levels, scaled by the token's absmax
-                v1 = tl.load(levels_ptr + (d1 + 8.0).to(tl.int32)) * vab[:, None]
-                v2 = tl.load(levels_ptr + (d2 + 8.0).to(tl.int32)) * vab[:, None]
-            else:
-                v1 = d1 * (vab / QMAX)[:, None]
-                v2 = d2 * (vab / QMAX)[:, None]
+            v1, v2 = _block_values(page, s, rows, i, HALF, BITS, VNF4, V_SCALE_OFF, V_CODES_OFF, levels_ptr)
             acc1 = acc1 * alpha[:, None] + tl.sum(pr[:, :, None] * v1[None, :, :], axis=1)
             acc2 = acc2 * alpha[:, None] + tl.sum(pr[:, :, None] * v2[None, :, :], axis=1)
             m_i = m_new
@@ -328,3 +353,90 @@ def decode_kernel(
     orow = out_ptr + (r * H * G + h * G + g)[:, None] * D
     tl.store(orow + ch1[None, :], o1, mask=gm[:, None])
     tl.store(orow + ch2[None, :], o2, mask=gm[:, None])
+
+
+@triton.jit
+def _rotate(x1, x2, cos_ptr, sin_ptr, p, mask, i, HALF: tl.constexpr):
+    """Rotate the halves ``x1``, ``x2`` ``[R, HALF]`` at positions ``p`` ``[R]`` (table lookups)."""
+    cs = tl.load(cos_ptr + p[:, None] * HALF + i[None, :], mask=mask[:, None], other=1.0)
+    sn = tl.load(sin_ptr + p[:, None] * HALF + i[None, :], mask=mask[:, None], other=0.0)
+    return x1 * cs - x2 * sn, x2 * cs + x1 * sn
+
+
+@triton.jit
+def prefill_kernel(
+    q_ptr, cache_ptr, blocks_ptr, logical_ptr, cos_ptr, sin_ptr, levels_ptr, out_ptr,
+    n, M, first, seq_len, base, sinks, window, scale,
+    H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, HALF: tl.constexpr,
+    BT: tl.constexpr, BS: tl.constexpr,
+    BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr, ROPE: tl.constexpr,
+    VNF4: tl.constexpr, KZP: tl.constexpr, K_ZERO_OFF: tl.constexpr,
+    K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr,
+    K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
+    OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr,
+):
+    """A prefill chunk of one request (queries at ``first + t``, pre-RoPE) over its quantized
+    pages with the sink + window pattern: ``BM`` queries x ``G`` heads of one KV head per
+    program. Cache-relative positions as ``sink_window_attention_ref(rope_applied=False)``:
+    against a sink key (rotated at its slot ``a``) the query sits at ``p - e(p)``; against a
+    window key (rotated at ``a - base``) at ``p - base``."""
+    D: tl.constexpr = 2 * HALF
+    R: tl.constexpr = BM * GP
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    i = tl.arange(0, HALF)
+    ch1, ch2 = _chan(i, NEOX, HALF)
+    rr = tl.arange(0, R)
+    qi = t * BM + rr // GP
+    g = rr % GP
+    valid = (qi < n) & (g < G)
+    qrow = q_ptr + (qi * (H * G) + h * G + g)[:, None] * D
+    q1 = tl.load(qrow + ch1[None, :], mask=valid[:, None], other=0.0).to(tl.float32) * scale
+    q2 = tl.load(qrow + ch2[None, :], mask=valid[:, None], other=0.0).to(tl.float32) * scale
+    pos = first + qi
+    ev = tl.maximum(pos - window + 1 - sinks, 0)
+    if ROPE:
+        w1, w2 = _rotate(q1, q2, cos_ptr, sin_ptr, pos - base, valid, i, HALF)
+        s1, s2 = _rotate(q1, q2, cos_ptr, sin_ptr, pos - ev, valid, i, HALF)
+    else:
+        w1, w2, s1, s2 = q1, q2, q1, q2
+    m_i = tl.full((R,), float("-inf"), tl.float32)
+    l_i = tl.zeros((R,), tl.float32)
+    acc1 = tl.zeros((R, HALF), tl.float32)
+    acc2 = tl.zeros((R, HALF), tl.float32)
+    s = tl.arange(0, BT)
+    for j in range(M):
+        blk = tl.load(blocks_ptr + j).to(tl.int64)
+        lb = tl.load(logical_ptr + j)
+        a = lb * BS + s
+        rows = (s < BS) & (a < seq_len)
+        page = cache_ptr + (blk * H + h) * HEAD_BYTES
+        k1, k2 = _block_keys(page, s, rows, i, ch1, ch2, HALF, BITS, S, NOUT, KZP, K_ZERO_OFF, K_SCALE_OFF,
+                             K_CODES_OFF, SINK_SCALE_OFF, SINK_K_OFF, OUT_IDX_OFF, OUT_K_OFF)
+        is_sink = a < sinks
+        if ROPE:
+            kw1, kw2 = _rotate(k1, k2, cos_ptr, sin_ptr, tl.maximum(a - base, 0), rows & ~is_sink, i, HALF)
+            ks1, ks2 = _rotate(k1, k2, cos_ptr, sin_ptr, a, rows & is_sink, i, HALF)
+        else:
+            kw1, kw2, ks1, ks2 = k1, k2, k1, k2
+        sc_w = tl.sum(w1[:, None, :] * kw1[None, :, :], axis=2) + tl.sum(w2[:, None, :] * kw2[None, :, :], axis=2)
+        sc_s = tl.sum(s1[:, None, :] * ks1[None, :, :], axis=2) + tl.sum(s2[:, None, :] * ks2[None, :, :], axis=2)
+        sc = tl.where(is_sink[None, :], sc_s, sc_w)  # [R, BT]
+        seen = (rows[None, :] & valid[:, None] & (a[None, :] <= pos[:, None])
+                & (is_sink[None, :] | (a[None, :] >= pos[:, None] - window + 1)))
+        sc = tl.where(seen, sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+        alpha = tl.exp(m_i - m_use)
+        pr = tl.exp(sc - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(pr, axis=1)
+        v1, v2 = _block_values(page, s, rows, i, HALF, BITS, VNF4, V_SCALE_OFF, V_CODES_OFF, levels_ptr)
+        v1 = tl.where(rows[:, None], v1, 0.0)
+        v2 = tl.where(rows[:, None], v2, 0.0)
+        acc1 = acc1 * alpha[:, None] + tl.sum(pr[:, :, None] * v1[None, :, :], axis=1)
+        acc2 = acc2 * alpha[:, None] + tl.sum(pr[:, :, None] * v2[None, :, :], axis=1)
+        m_i = m_new
+    den = tl.where(l_i > 0, l_i, 1.0)
+    orow = out_ptr + (qi * (H * G) + h * G + g)[:, None] * D
+    tl.store(orow + ch1[None, :], acc1 / den[:, None], mask=valid[:, None])
+    tl.store(orow + ch2[None, :], acc2 / den[:, None], mask=valid[:, None])

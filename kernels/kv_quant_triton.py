@@ -3,6 +3,9 @@
 * :func:`quant_store` quantizes and stores a batch of tokens: one program per (written
   block, KV head) owns that page slice, so growing a block's channel scales and re-encoding its
   earlier tokens needs no atomics.
+* :func:`quant_prefill_attention` runs a prefill chunk of one request with the sink + window
+  pattern (tiles of queries x heads per program, the same dequantization, RoPE at
+  cache-relative positions, only the listed blocks read).
 * :func:`quant_decode_attention` runs one query per request over its quantized blocks:
   dequantize on the fly (main codes + outlier channels + sink keys), rotate the keys at their
   cache positions (RoPE table lookups), online softmax across blocks. Blocks with an empty
@@ -35,6 +38,13 @@ def _kernels():
     from vllm_kvstream.kernels import _kv_quant_jit as jit
 
     return jit.store_kernel, jit.decode_kernel
+
+
+@functools.cache
+def _prefill_kernel():
+    from vllm_kvstream.kernels import _kv_quant_jit as jit
+
+    return jit.prefill_kernel
 
 
 def _layout_args(layout: QuantLayout) -> dict:
@@ -128,6 +138,62 @@ def quant_decode_attention(
         ends.to(torch.int32).contiguous(), ranks.to(torch.int32).contiguous(), cos, sin, NF4.to(query.device), out,
         M, scale,
         H=kv_heads, G=group, GP=_next_pow2(group), HALF=D // 2, BT=_next_pow2(L.block_size),
+        NEOX=rope.is_neox_style if rope is not None else True, ROPE=rope is not None, **_layout_args(L),
+    )
+    return out
+
+
+def quant_prefill_attention(
+    query_pre: torch.Tensor,
+    cache: torch.Tensor,
+    block_row: torch.Tensor,
+    layout: QuantLayout,
+    *,
+    seq_len: int,
+    sink_tokens: int,
+    window_tokens: int | None,
+    scale: float,
+    rope: Rope | None,
+    block_queries: int = 16,
+) -> torch.Tensor:
+    """A prefill chunk of one request over its quantized pages: the Triton counterpart of
+    :func:`~vllm_kvstream.kernels.sink_attention.sink_window_attention_ref` with
+    ``rope_applied=False`` on the dequantized pages (same arguments, one request).
+
+    ``query_pre`` ``[n, heads, D]``: the chunk's queries before RoPE, at positions
+    ``seq_len - n .. seq_len - 1``; ``block_row``: the request's logical -> physical blocks.
+    Only the sink blocks and the blocks of the chunk's windows are listed for the kernel (an
+    evicted block's id is never dereferenced). Returns ``[n, heads, D]`` float32."""
+    kernel = _prefill_kernel()
+    L = layout
+    n, num_heads, D = query_pre.shape
+    kv_heads = cache.shape[1]
+    group = num_heads // kv_heads
+    bs = L.block_size
+    first = seq_len - n
+    S = min(sink_tokens, seq_len)
+    W = window_tokens if window_tokens is not None else 1 << 30
+    base = max(0, first - W + 1 - sink_tokens)
+    lo = max(S, first - W + 1)
+    logical = sorted(set(range(-(-S // bs))) | set(range(lo // bs, -(-seq_len // bs))))
+    blocks = block_row[torch.tensor(logical, dtype=torch.long)].to(torch.int64).to(query_pre.device)
+    out = torch.empty(n, num_heads, D, dtype=torch.float32, device=query_pre.device)
+    if rope is not None:
+        if rope.rotary_dim != D:
+            raise ValueError(f"quantized prefill needs full rotary (rotary_dim {rope.rotary_dim} != head_size {D})")
+        reach = max(seq_len - base, min(seq_len, sink_tokens + W))
+        if reach > rope.cos_sin_cache.shape[0]:
+            raise ValueError(f"cache positions reach {reach}, past the RoPE table ({rope.cos_sin_cache.shape[0]})")
+        cos, sin = rope.cos_sin_cache.float().to(query_pre.device).chunk(2, dim=-1)
+        cos, sin = cos.contiguous(), sin.contiguous()
+    else:
+        cos = sin = torch.zeros(1, device=query_pre.device)
+    bm = min(block_queries, _next_pow2(n))
+    kernel[(-(-n // bm), kv_heads)](
+        query_pre.float().contiguous(), cache, blocks, torch.tensor(logical, dtype=torch.int32, device=query_pre.device),
+        cos, sin, NF4.to(query_pre.device), out,
+        n, len(logical), first, seq_len, base, sink_tokens, W, scale,
+        H=kv_heads, G=group, GP=_next_pow2(group), BM=bm, HALF=D // 2, BT=_next_pow2(bs), BS=bs,
         NEOX=rope.is_neox_style if rope is not None else True, ROPE=rope is not None, **_layout_args(L),
     )
     return out

@@ -338,3 +338,43 @@ def test_layout_options_validated_and_counted():
         QuantLayout(4, 64, 128, value_levels="mu-law")
     with pytest.raises(ValueError, match="key_zero_point needs key_scale='channel'"):
         QuantLayout(4, 64, 128, key_zero_point=True, key_scale="token")
+
+
+@pytest.mark.parametrize(("bits", "layout"), [(8, {}), (4, {"key_zero_point": True, "value_levels": "nf4"})])
+@pytest.mark.parametrize(
+    ("D", "H", "G", "bs", "neox", "n", "sinks", "window"),
+    [
+        (32, 2, 3, 8, True, 11, 3, 13),  # chunk past the window: evicted blocks in the row
+        (16, 1, 2, 5, False, 7, 2, 9),  # odd block size, GPT-J pairing
+        (32, 1, 1, 8, True, 9, 3, None),  # full causal attention
+    ],
+)
+def test_prefill_kernel_matches_reference(bits, layout, D, H, G, bs, neox, n, sinks, window):
+    """A prefill chunk over quantized pages (Triton) against the sink-window reference on the
+    same pages dequantized (what the CPU path runs): keys before RoPE, cache-relative
+    positions, evicted blocks garbage (NaN scales) and never read."""
+    from vllm_kvstream.kernels.kv_quant_triton import quant_prefill_attention
+    from vllm_kvstream.kernels.sink_attention import RequestSlice, sink_window_attention_ref
+
+    total = 45
+    L, cache, _, _, row, rope = _stream(bits, D=D, H=H, bs=bs, n=total, neox=neox, seed=D + n, nb=24, **layout)
+    first = total - n
+    lo = 0 if window is None else max(0, first - window + 1)
+    live = set(range(-(-sinks // bs))) | set(range(max(sinks, lo) // bs, len(row)))
+    for lb in range(len(row)):
+        if lb not in live:
+            cache[row[lb]] = 255  # evicted and reused: fp16 0xFFFF is NaN
+    live_ids = row[sorted(live)]
+    k = torch.full((cache.shape[0], H, bs, D), float("nan"))
+    v = torch.full_like(k, float("nan"))
+    k[live_ids], v[live_ids] = quant_read_ref(cache, live_ids, L, is_neox_style=neox)
+    q_pre = torch.randn(n, H * G, D, generator=torch.Generator().manual_seed(n))
+    scale = 1 / math.sqrt(D)
+    expected = sink_window_attention_ref(
+        q_pre, k, v, row[None], [RequestSlice(0, n, total, 0)], sink_tokens=sinks, window_tokens=window,
+        scale=scale, rope=rope, rope_applied=False,
+    )
+    got = quant_prefill_attention(q_pre, cache, row, L, seq_len=total, sink_tokens=sinks, window_tokens=window,
+                                  scale=scale, rope=rope, block_queries=4)
+    assert not torch.isnan(expected).any()
+    torch.testing.assert_close(got, expected, atol=3e-5, rtol=3e-5)
