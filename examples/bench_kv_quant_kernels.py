@@ -84,7 +84,8 @@ def main() -> None:
     rope_dev = k.Rope(rope.rotary_dim, rope.is_neox_style, rope.cos_sin_cache.to(device), rope.inv_freq.to(device))
     rows = []
     for bits in (8, 4):
-        L = k.QuantLayout(bits, D, bs)
+        # The plugin's default layouts: INT4 with per-channel key zero points and NF4 values.
+        L = k.QuantLayout(bits, D, bs, align=bs, key_zero_point=bits == 4, value_levels="nf4" if bits == 4 else "uniform")
         cache = torch.zeros(reqs * nblk, H, L.head_bytes, dtype=torch.uint8, device=device)
         n_store = reqs * tokens if device == "cuda" else tokens
         key = torch.randn(n_store, H, D, device=device, dtype=torch.bfloat16)
