@@ -43,7 +43,7 @@ def test_kv_quant_flags_fold_validate_and_normalize(tiny_model):
     args = EngineArgs(model=tiny_model, additional_config=merged)
     prepare_engine_args(args)
     assert args.additional_config["kv_policy"] == "full"
-    assert args.additional_config["kv_quant_config"] == {"sink_tokens": 4, "outlier_channels": 4, "ema_decay": 0.99, "key_scale": "channel", "key_rope": "pre"}
+    assert args.additional_config["kv_quant_config"] == {"sink_tokens": 4, "outlier_channels": 4, "ema_decay": 0.99, "key_scale": "channel", "key_rope": "pre", "key_range": "auto", "value_levels": "auto"}
     topk = {"kv_policy": "topk-importance", "kv_quant": "int8", "kv_quant_config": {"key_rope": "post"}}
     with pytest.raises(KVStreamConfigError, match="key_rope='post' is not supported with --kv-policy 'topk-importance'; allowed: 'pre'"):
         prepare_engine_args(EngineArgs(model=tiny_model, additional_config=topk))
