@@ -36,6 +36,15 @@ def _pick(ch, cho, a, b):
     return tl.sum(tl.where(ch == cho, a, 0.0), axis=0), tl.sum(tl.where(ch == cho, b, 0.0), axis=0)
 
 @triton.jit
+def _load_floats(page, rows, rmask, ch, CODES_OFF: tl.constexpr, D: tl.constexpr, BF16: tl.constexpr):
+    """16-bit pages: channels ``ch`` of ``rows`` as float32 (channels stored in order)."""
+    if BF16:
+        base = page.to(tl.pointer_type(tl.bfloat16))
+    else:
+        base = page.to(tl.pointer_type(tl.float16))
+    return tl.load(base + CODES_OFF // 2 + rows[:, None] * D + ch[None, :], mask=rmask[:, None], other=0.0).to(tl.float32)
+
+@triton.jit
 def _load_main(page, rows, rmask, i, CODES_OFF: tl.constexpr, BITS: tl.constexpr, HALF: tl.constexpr):
     """Main codes of ``rows`` as two halves of signed integers (float32)."""
     if BITS == 8:
@@ -53,61 +62,69 @@ def _load_main(page, rows, rmask, i, CODES_OFF: tl.constexpr, BITS: tl.constexpr
 def _block_keys(page, s, rows, i, ch1, ch2, HALF: tl.constexpr, BITS: tl.constexpr, S: tl.constexpr,
                 NOUT: tl.constexpr, KZP: tl.constexpr, K_ZERO_OFF: tl.constexpr, K_SCALE_OFF: tl.constexpr,
                 K_CODES_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
-                OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr):
+                OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, BF16: tl.constexpr):
     """Pre-RoPE keys of slots ``rows`` of one page, as the two channel halves ``[BT, HALF]``:
     main codes, then outlier channels and sink slots from their own sections."""
     QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
     TOP: tl.constexpr = 2 ** BITS - 1
     D: tl.constexpr = 2 * HALF
     f16 = page.to(tl.pointer_type(tl.float16))
-    kab1 = tl.load(f16 + K_SCALE_OFF // 2 + ch1).to(tl.float32)
-    kab2 = tl.load(f16 + K_SCALE_OFF // 2 + ch2).to(tl.float32)
-    c1, c2 = _load_main(page, s, rows, i, K_CODES_OFF, BITS, HALF)
-    if KZP:  # codes 0..TOP across the channel's [min, max]
-        klo1 = tl.load(f16 + K_ZERO_OFF // 2 + ch1).to(tl.float32)
-        klo2 = tl.load(f16 + K_ZERO_OFF // 2 + ch2).to(tl.float32)
-        k1 = klo1[None, :] + (c1 + (QMAX + 1)) * ((kab1 - klo1)[None, :] / TOP)
-        k2 = klo2[None, :] + (c2 + (QMAX + 1)) * ((kab2 - klo2)[None, :] / TOP)
-        oab1 = tl.maximum(kab1, -klo1)
-        oab2 = tl.maximum(kab2, -klo2)
+    if BITS == 16:
+        k1 = _load_floats(page, s, rows, ch1, K_CODES_OFF, D, BF16)
+        k2 = _load_floats(page, s, rows, ch2, K_CODES_OFF, D, BF16)
     else:
-        k1 = c1 * (kab1[None, :] / QMAX)
-        k2 = c2 * (kab2[None, :] / QMAX)
-        oab1 = kab1
-        oab2 = kab2
-    # Outlier channels and sink slots: taken from their own sections.
-    for o in tl.static_range(NOUT):
-        cho = tl.load(page + OUT_IDX_OFF + o).to(tl.int32)
-        abs_o = tl.sum(tl.where(ch1 == cho, oab1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, oab2, 0.0), axis=0)
-        vo = (tl.load(page + OUT_K_OFF + s * NOUT + o, mask=rows, other=128).to(tl.float32) - 128.0) * (abs_o / 127.0)
-        k1 = tl.where(ch1[None, :] == cho, vo[:, None], k1)
-        k2 = tl.where(ch2[None, :] == cho, vo[:, None], k2)
-    if S > 0:
-        srows = rows & (s < S)
-        ss = tl.load(f16 + SINK_SCALE_OFF // 2 + s, mask=srows, other=0.0).to(tl.float32) / 127.0
-        srows = srows & (ss > 0)
-        sbase = page + SINK_K_OFF + s[:, None] * D
-        sk1 = (tl.load(sbase + ch1[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
-        sk2 = (tl.load(sbase + ch2[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
-        k1 = tl.where(srows[:, None], sk1, k1)
-        k2 = tl.where(srows[:, None], sk2, k2)
+        kab1 = tl.load(f16 + K_SCALE_OFF // 2 + ch1).to(tl.float32)
+        kab2 = tl.load(f16 + K_SCALE_OFF // 2 + ch2).to(tl.float32)
+        c1, c2 = _load_main(page, s, rows, i, K_CODES_OFF, BITS, HALF)
+        if KZP:  # codes 0..TOP across the channel's [min, max]
+            klo1 = tl.load(f16 + K_ZERO_OFF // 2 + ch1).to(tl.float32)
+            klo2 = tl.load(f16 + K_ZERO_OFF // 2 + ch2).to(tl.float32)
+            k1 = klo1[None, :] + (c1 + (QMAX + 1)) * ((kab1 - klo1)[None, :] / TOP)
+            k2 = klo2[None, :] + (c2 + (QMAX + 1)) * ((kab2 - klo2)[None, :] / TOP)
+            oab1 = tl.maximum(kab1, -klo1)
+            oab2 = tl.maximum(kab2, -klo2)
+        else:
+            k1 = c1 * (kab1[None, :] / QMAX)
+            k2 = c2 * (kab2[None, :] / QMAX)
+            oab1 = kab1
+            oab2 = kab2
+        # Outlier channels and sink slots: taken from their own sections.
+        for o in tl.static_range(NOUT):
+            cho = tl.load(page + OUT_IDX_OFF + o).to(tl.int32)
+            abs_o = tl.sum(tl.where(ch1 == cho, oab1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, oab2, 0.0), axis=0)
+            vo = (tl.load(page + OUT_K_OFF + s * NOUT + o, mask=rows, other=128).to(tl.float32) - 128.0) * (abs_o / 127.0)
+            k1 = tl.where(ch1[None, :] == cho, vo[:, None], k1)
+            k2 = tl.where(ch2[None, :] == cho, vo[:, None], k2)
+        if S > 0:
+            srows = rows & (s < S)
+            ss = tl.load(f16 + SINK_SCALE_OFF // 2 + s, mask=srows, other=0.0).to(tl.float32) / 127.0
+            srows = srows & (ss > 0)
+            sbase = page + SINK_K_OFF + s[:, None] * D
+            sk1 = (tl.load(sbase + ch1[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
+            sk2 = (tl.load(sbase + ch2[None, :], mask=srows[:, None], other=128).to(tl.float32) - 128.0) * ss[:, None]
+            k1 = tl.where(srows[:, None], sk1, k1)
+            k2 = tl.where(srows[:, None], sk2, k2)
     return k1, k2
 
 
 @triton.jit
-def _block_values(page, s, rows, i, HALF: tl.constexpr, BITS: tl.constexpr, VNF4: tl.constexpr,
-                  V_SCALE_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, levels_ptr):
+def _block_values(page, s, rows, i, ch1, ch2, HALF: tl.constexpr, BITS: tl.constexpr, VNF4: tl.constexpr,
+                  V_SCALE_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, levels_ptr, BF16: tl.constexpr):
     """Values of slots ``rows`` of one page, as two channel halves."""
     QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
     f16 = page.to(tl.pointer_type(tl.float16))
-    vab = tl.load(f16 + V_SCALE_OFF // 2 + s, mask=rows, other=0.0).to(tl.float32)
-    d1, d2 = _load_main(page, s, rows, i, V_CODES_OFF, BITS, HALF)
-    if VNF4:  # codes index the NF4 levels, scaled by the token's absmax
-        v1 = tl.load(levels_ptr + (d1 + 8.0).to(tl.int32)) * vab[:, None]
-        v2 = tl.load(levels_ptr + (d2 + 8.0).to(tl.int32)) * vab[:, None]
+    if BITS == 16:
+        v1 = _load_floats(page, s, rows, ch1, V_CODES_OFF, 2 * HALF, BF16)
+        v2 = _load_floats(page, s, rows, ch2, V_CODES_OFF, 2 * HALF, BF16)
     else:
-        v1 = d1 * (vab / QMAX)[:, None]
-        v2 = d2 * (vab / QMAX)[:, None]
+        vab = tl.load(f16 + V_SCALE_OFF // 2 + s, mask=rows, other=0.0).to(tl.float32)
+        d1, d2 = _load_main(page, s, rows, i, V_CODES_OFF, BITS, HALF)
+        if VNF4:  # codes index the NF4 levels, scaled by the token's absmax
+            v1 = tl.load(levels_ptr + (d1 + 8.0).to(tl.int32)) * vab[:, None]
+            v2 = tl.load(levels_ptr + (d2 + 8.0).to(tl.int32)) * vab[:, None]
+        else:
+            v1 = d1 * (vab / QMAX)[:, None]
+            v2 = d2 * (vab / QMAX)[:, None]
     return v1, v2
 
 
@@ -118,7 +135,7 @@ def store_kernel(
     stride_kn, stride_kh, stride_vn, stride_vh,
     H: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr, BS: tl.constexpr,
     BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr, VNF4: tl.constexpr,
-    KZP: tl.constexpr, K_ZERO_OFF: tl.constexpr,
+    KZP: tl.constexpr, K_ZERO_OFF: tl.constexpr, BF16: tl.constexpr,
     K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr,
     K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
     OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr,
@@ -301,7 +318,7 @@ def decode_kernel(
     M, scale,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr,
     BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr, ROPE: tl.constexpr,
-    VNF4: tl.constexpr, KZP: tl.constexpr, K_ZERO_OFF: tl.constexpr,
+    VNF4: tl.constexpr, KZP: tl.constexpr, K_ZERO_OFF: tl.constexpr, BF16: tl.constexpr,
     K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr,
     K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
     OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr,
@@ -332,7 +349,7 @@ def decode_kernel(
             page = cache_ptr + (blk * H + h) * HEAD_BYTES
             rows = (s >= a) & (s < e)
             k1, k2 = _block_keys(page, s, rows, i, ch1, ch2, HALF, BITS, S, NOUT, KZP, K_ZERO_OFF, K_SCALE_OFF,
-                                 K_CODES_OFF, SINK_SCALE_OFF, SINK_K_OFF, OUT_IDX_OFF, OUT_K_OFF)
+                                 K_CODES_OFF, SINK_SCALE_OFF, SINK_K_OFF, OUT_IDX_OFF, OUT_K_OFF, BF16)
             if ROPE:
                 p = rk + s - a
                 cs = tl.load(cos_ptr + p[:, None] * HALF + i[None, :], mask=rows[:, None], other=1.0)
@@ -344,7 +361,7 @@ def decode_kernel(
             alpha = tl.exp(m_i - m_new)
             pr = tl.exp(sc - m_new[:, None])
             l_i = l_i * alpha + tl.sum(pr, axis=1)
-            v1, v2 = _block_values(page, s, rows, i, HALF, BITS, VNF4, V_SCALE_OFF, V_CODES_OFF, levels_ptr)
+            v1, v2 = _block_values(page, s, rows, i, ch1, ch2, HALF, BITS, VNF4, V_SCALE_OFF, V_CODES_OFF, levels_ptr, BF16)
             acc1 = acc1 * alpha[:, None] + tl.sum(pr[:, :, None] * v1[None, :, :], axis=1)
             acc2 = acc2 * alpha[:, None] + tl.sum(pr[:, :, None] * v2[None, :, :], axis=1)
             m_i = m_new
@@ -370,7 +387,7 @@ def prefill_kernel(
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, BM: tl.constexpr, HALF: tl.constexpr,
     BT: tl.constexpr, BS: tl.constexpr,
     BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr, ROPE: tl.constexpr,
-    VNF4: tl.constexpr, KZP: tl.constexpr, K_ZERO_OFF: tl.constexpr,
+    VNF4: tl.constexpr, KZP: tl.constexpr, K_ZERO_OFF: tl.constexpr, BF16: tl.constexpr,
     K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr,
     K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
     OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr,
@@ -412,7 +429,7 @@ def prefill_kernel(
         rows = (s < BS) & (a < seq_len)
         page = cache_ptr + (blk * H + h) * HEAD_BYTES
         k1, k2 = _block_keys(page, s, rows, i, ch1, ch2, HALF, BITS, S, NOUT, KZP, K_ZERO_OFF, K_SCALE_OFF,
-                             K_CODES_OFF, SINK_SCALE_OFF, SINK_K_OFF, OUT_IDX_OFF, OUT_K_OFF)
+                             K_CODES_OFF, SINK_SCALE_OFF, SINK_K_OFF, OUT_IDX_OFF, OUT_K_OFF, BF16)
         is_sink = a < sinks
         if ROPE:
             kw1, kw2 = _rotate(k1, k2, cos_ptr, sin_ptr, tl.maximum(a - base, 0), rows & ~is_sink, i, HALF)
@@ -430,7 +447,7 @@ def prefill_kernel(
         alpha = tl.exp(m_i - m_use)
         pr = tl.exp(sc - m_use[:, None])
         l_i = l_i * alpha + tl.sum(pr, axis=1)
-        v1, v2 = _block_values(page, s, rows, i, HALF, BITS, VNF4, V_SCALE_OFF, V_CODES_OFF, levels_ptr)
+        v1, v2 = _block_values(page, s, rows, i, ch1, ch2, HALF, BITS, VNF4, V_SCALE_OFF, V_CODES_OFF, levels_ptr, BF16)
         v1 = tl.where(rows[:, None], v1, 0.0)
         v2 = tl.where(rows[:, None], v2, 0.0)
         acc1 = acc1 * alpha[:, None] + tl.sum(pr[:, :, None] * v1[None, :, :], axis=1)
@@ -440,3 +457,26 @@ def prefill_kernel(
     orow = out_ptr + (qi * (H * G) + h * G + g)[:, None] * D
     tl.store(orow + ch1[None, :], acc1 / den[:, None], mask=valid[:, None])
     tl.store(orow + ch2[None, :], acc2 / den[:, None], mask=valid[:, None])
+
+
+@triton.jit
+def store16_kernel(key_ptr, value_ptr, cache_ptr, slot_ptr, stride_kn, stride_kh, stride_vn, stride_vh,
+                   H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr, K_CODES_OFF: tl.constexpr,
+                   V_CODES_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr, BF16: tl.constexpr):
+    """16-bit pages: one program per (token, KV head) stores its key (before RoPE) and value."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t).to(tl.int64)
+    page = cache_ptr + ((slot // BS) * H + h) * HEAD_BYTES
+    if BF16:
+        base = page.to(tl.pointer_type(tl.bfloat16))
+        dt = tl.bfloat16
+    else:
+        base = page.to(tl.pointer_type(tl.float16))
+        dt = tl.float16
+    c = tl.arange(0, D)
+    off = (slot % BS) * D + c
+    k = tl.load(key_ptr + t * stride_kn + h * stride_kh + c).to(tl.float32)
+    v = tl.load(value_ptr + t * stride_vn + h * stride_vh + c).to(tl.float32)
+    tl.store(base + K_CODES_OFF // 2 + off, k.to(dt, fp_downcast_rounding="rtne"))
+    tl.store(base + V_CODES_OFF // 2 + off, v.to(dt, fp_downcast_rounding="rtne"))

@@ -64,6 +64,10 @@ import torch
 from vllm_kvstream.kernels.rope import Rope
 
 QUANT_BITS = (8, 4)
+#: Page bit widths: the quantized ones, and 16 (unquantized float16/bfloat16 pages, keys before
+#: RoPE, in the same byte layout, so one attention kernel serves every page).
+PAGE_BITS = (16, *QUANT_BITS)
+FLOAT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 KEY_SCALES = ("channel", "token")
 VALUE_LEVELS = ("uniform", "nf4")
 #: The 16 NF4 levels (QLoRA, Dettmers et al. 2023): normal quantiles scaled to [-1, 1], exact zero.
@@ -100,6 +104,8 @@ class QuantLayout:
     key_zero_point: bool = False
     #: ``"uniform"`` steps or ``"nf4"`` levels for values (INT4 only).
     value_levels: str = "uniform"
+    #: 16-bit pages: the float type keys and values are stored in.
+    float_dtype: str = "float16"
 
     def __post_init__(self) -> None:
         if self.key_scale not in KEY_SCALES:
@@ -112,8 +118,15 @@ class QuantLayout:
             raise ValueError(f"key_zero_point needs key_scale='channel', got {self.key_scale!r}")
         if self.align < 1:
             raise ValueError(f"align={self.align} must be >= 1")
-        if self.bits not in QUANT_BITS:
-            raise ValueError(f"kv-quant bits={self.bits}; allowed: {QUANT_BITS}")
+        if self.bits not in PAGE_BITS:
+            raise ValueError(f"kv-quant bits={self.bits}; allowed: {PAGE_BITS}")
+        if self.float_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"float_dtype={self.float_dtype!r}; allowed: {', '.join(FLOAT_DTYPES)}")
+        if self.bits == 16 and (self.sink_tokens or self.key_zero_point or self.key_scale != "channel"):
+            raise ValueError(
+                f"16-bit pages hold plain floats: sink_tokens={self.sink_tokens}, key_zero_point="
+                f"{self.key_zero_point}, key_scale={self.key_scale!r}; allowed: 0, False, 'channel'"
+            )
         if self.head_size % 2:
             raise ValueError(f"head_size={self.head_size} must be even for quantized KV")
         if not 0 <= self.sink_tokens <= self.block_size:
@@ -132,9 +145,20 @@ class QuantLayout:
         return self.outlier_channels if self.bits == 4 and self.key_scale == "channel" else 0
 
     @property
+    def scaled(self) -> bool:
+        """Codes with scales (8 and 4 bits); 16-bit pages hold the floats themselves."""
+        return self.bits != 16
+
+    @property
     def k_scale_len(self) -> int:
         """Entries of ``k_scale``: one per channel, or one per token (``key_scale="token"``)."""
+        if not self.scaled:
+            return 0
         return self.head_size if self.key_scale == "channel" else self.block_size
+
+    @property
+    def v_scale_len(self) -> int:
+        return self.block_size if self.scaled else 0
 
     @property
     def code_bytes(self) -> int:
@@ -160,7 +184,7 @@ class QuantLayout:
 
     @property
     def sink_scale_off(self) -> int:
-        return self.v_scale_off + 2 * self.block_size
+        return self.v_scale_off + 2 * self.v_scale_len
 
     @property
     def k_codes_off(self) -> int:
@@ -271,7 +295,7 @@ class PageView:
 
         self.k_scale = f16(L.k_scale_off, L.k_scale_len)
         self.k_zero = f16(L.k_zero_off, L.k_zero_len)
-        self.v_scale = f16(L.v_scale_off, bs)
+        self.v_scale = f16(L.v_scale_off, L.v_scale_len)
         self.sink_scale = f16(L.sink_scale_off, S)
         self.k_codes = u8(L.k_codes_off, bs, L.code_bytes)
         self.v_codes = u8(L.v_codes_off, bs, L.code_bytes)
@@ -423,6 +447,11 @@ def quant_write_ref(
     if rope is not None:
         k = rope.rotate(k, -positions)  # back to pre-RoPE
     v = value.float()
+    if not L.scaled:  # 16-bit pages: the floats themselves, channels in order
+        dt = FLOAT_DTYPES[L.float_dtype]
+        view.k_codes[slots // bs, :, slots % bs] = k.to(dt).view(torch.uint8)
+        view.v_codes[slots // bs, :, slots % bs] = v.to(dt).view(torch.uint8)
+        return
     is_sink = positions < S
     if bool((~is_sink).any()):
         stats.update(k[~is_sink])
@@ -504,6 +533,9 @@ def quant_read_ref(
     L = layout
     view = PageView(cache, L)
     blocks = blocks.to(torch.long)
+    if not L.scaled:
+        dt = FLOAT_DTYPES[L.float_dtype]
+        return view.k_codes[blocks].view(dt).float(), view.v_codes[blocks].view(dt).float()
     codes = unpack_codes(view.k_codes[blocks], L, is_neox_style)
     if L.key_scale == "channel":
         lo, hi = _channel_range(view, blocks, L)  # [m, H, D]

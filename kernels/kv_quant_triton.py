@@ -53,7 +53,7 @@ def _layout_args(layout: QuantLayout) -> dict:
         raise NotImplementedError(f"the Triton kernels implement key_scale='channel' only, got {L.key_scale!r}")
     return dict(
         BITS=L.bits, S=L.sink_tokens, NOUT=L.n_out, VNF4=L.value_levels == "nf4",
-        KZP=L.key_zero_point, K_ZERO_OFF=L.k_zero_off,
+        KZP=L.key_zero_point, K_ZERO_OFF=L.k_zero_off, BF16=L.float_dtype == "bfloat16",
         K_SCALE_OFF=L.k_scale_off, V_SCALE_OFF=L.v_scale_off, SINK_SCALE_OFF=L.sink_scale_off,
         K_CODES_OFF=L.k_codes_off, V_CODES_OFF=L.v_codes_off, SINK_K_OFF=L.sink_k_off,
         OUT_IDX_OFF=L.out_idx_off, OUT_K_OFF=L.out_k_off, HEAD_BYTES=L.head_bytes,
@@ -87,6 +87,19 @@ def quant_store(
     block, KV head)."""
     store_kernel, _ = _kernels()
     L = layout
+    if not L.scaled:  # 16-bit pages: the floats themselves
+        from vllm_kvstream.kernels import _kv_quant_jit as jit
+
+        D = L.head_size
+        if D & (D - 1):
+            raise ValueError(f"16-bit pages need a power-of-two head size for the Triton store, got {D}")
+        jit.store16_kernel[(key_pre.shape[0], key_pre.shape[1])](
+            key_pre, value, cache, slots.to(torch.int64).contiguous(),
+            key_pre.stride(0), key_pre.stride(1), value.stride(0), value.stride(1),
+            H=key_pre.shape[1], D=D, BS=L.block_size, K_CODES_OFF=L.k_codes_off, V_CODES_OFF=L.v_codes_off,
+            HEAD_BYTES=L.head_bytes, BF16=L.float_dtype == "bfloat16",
+        )
+        return
     sink = positions < L.sink_tokens
     if bool((~sink).any()):
         stats.update(key_pre[~sink].float())

@@ -41,7 +41,7 @@ def test_layout_capacity_and_sections():
         assert ends[-1][0] + ends[-1][1] <= L.head_bytes and L.head_bytes % 16 == 0
 
 
-@pytest.mark.parametrize("bad", [{"bits": 3}, {"bits": 16}, {"head_size": 63}, {"sink_tokens": 200}])
+@pytest.mark.parametrize("bad", [{"bits": 3}, {"bits": 32}, {"head_size": 63}, {"sink_tokens": 200}])
 def test_layout_rejects_bad_values(bad):
     args = {"bits": 4, "head_size": 64, "block_size": 128, **bad}
     name = next(iter(bad))
@@ -55,7 +55,7 @@ def _stream(bits, *, D=32, H=2, bs=8, n=45, chunks=(13, 1, 1, 7, 1, 20, 1, 1, 1)
     the cache is garbage). Returns the cache, the pre-RoPE keys, values, the block row.
     ``offset``: added to key channel 7 (a channel off zero, as pre-RoPE keys have)."""
     gen = torch.Generator().manual_seed(seed)
-    L = QuantLayout(bits, D, bs, sink_tokens=3, outlier_channels=2, **layout)
+    L = QuantLayout(bits, D, bs, **{"sink_tokens": 3, "outlier_channels": 2, **layout})
     cache = torch.randint(0, 256, (nb, H, L.head_bytes), dtype=torch.uint8, generator=gen)
     rope = Rope.from_base(D, 10000.0, 1024, is_neox_style=neox)
     k_pre = torch.randn(n, H, D, generator=gen)
@@ -185,6 +185,8 @@ def _ref_writer(k_pre, v, cache, slots, pos, stats, L, neox):
 LAYOUTS = [
     (8, {}), (4, {}), (4, {"key_zero_point": True, "value_levels": "nf4"}),
     (4, {"key_zero_point": True}), (4, {"value_levels": "nf4"}),
+    # Unquantized pages in the same byte layout (keys before RoPE): one kernel for every page.
+    (16, {"sink_tokens": 0}), (16, {"sink_tokens": 0, "float_dtype": "bfloat16"}),
 ]
 
 
@@ -198,6 +200,12 @@ def test_store_kernel_matches_reference(bits, layout, D, H, bs, neox):
     k_ref, v_ref = quant_read_ref(ref, row, L, is_neox_style=neox)
     k_got, v_got = quant_read_ref(got, row, L, is_neox_style=neox)
     view = PageView(ref, L)
+    if not L.scaled:  # 16-bit pages: the same floats (Triton's interpreter truncates to bf16: 1 ulp)
+        rtol = 2.0**-7 if L.float_dtype == "bfloat16" and not torch.cuda.is_available() else 0.0
+        live = _tokens(k_ref, n), _tokens(k_got, n), _tokens(v_ref, n), _tokens(v_got, n)
+        torch.testing.assert_close(live[1], live[0], rtol=rtol, atol=0)
+        torch.testing.assert_close(live[3], live[2], rtol=rtol, atol=0)
+        return
     step = ((view.k_scale[row].float() - view.k_zero[row].float()).amax() / 15 if L.key_zero_point
             else view.k_scale[row].float().amax() / L.qmax)
     torch.testing.assert_close(_tokens(k_got, n), _tokens(k_ref, n), atol=float(step) * 1.01, rtol=0)
@@ -338,9 +346,17 @@ def test_layout_options_validated_and_counted():
         QuantLayout(4, 64, 128, value_levels="mu-law")
     with pytest.raises(ValueError, match="key_zero_point needs key_scale='channel'"):
         QuantLayout(4, 64, 128, key_zero_point=True, key_scale="token")
+    plain = QuantLayout(16, 64, 128, sink_tokens=0)
+    assert plain.head_bytes == 2 * 128 * 64 * 2 and plain.ratio_to(2) == 1.0  # no metadata at all
+    with pytest.raises(ValueError, match="16-bit pages hold plain floats: sink_tokens=4"):
+        QuantLayout(16, 64, 128)
+    with pytest.raises(ValueError, match="float_dtype='float8'; allowed: float16, bfloat16"):
+        QuantLayout(16, 64, 128, sink_tokens=0, float_dtype="float8")
 
 
-@pytest.mark.parametrize(("bits", "layout"), [(8, {}), (4, {"key_zero_point": True, "value_levels": "nf4"})])
+@pytest.mark.parametrize(
+    ("bits", "layout"), [(8, {}), (4, {"key_zero_point": True, "value_levels": "nf4"}), (16, {"sink_tokens": 0})]
+)
 @pytest.mark.parametrize(
     ("D", "H", "G", "bs", "neox", "n", "sinks", "window"),
     [
