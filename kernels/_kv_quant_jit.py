@@ -315,19 +315,25 @@ def store_kernel(
 @triton.jit
 def decode_kernel(
     q_ptr, cache_ptr, blocks_ptr, starts_ptr, ends_ptr, ranks_ptr, cos_ptr, sin_ptr, levels_ptr, out_ptr,
-    M, scale,
+    part_m_ptr, part_l_ptr, part_acc_ptr,
+    M, per_split, scale,
     H: tl.constexpr, G: tl.constexpr, GP: tl.constexpr, HALF: tl.constexpr, BT: tl.constexpr,
     BITS: tl.constexpr, S: tl.constexpr, NOUT: tl.constexpr, NEOX: tl.constexpr, ROPE: tl.constexpr,
     VNF4: tl.constexpr, KZP: tl.constexpr, K_ZERO_OFF: tl.constexpr, BF16: tl.constexpr,
     K_SCALE_OFF: tl.constexpr, V_SCALE_OFF: tl.constexpr, SINK_SCALE_OFF: tl.constexpr,
     K_CODES_OFF: tl.constexpr, V_CODES_OFF: tl.constexpr, SINK_K_OFF: tl.constexpr,
-    OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr,
+    OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, HEAD_BYTES: tl.constexpr, SPLIT: tl.constexpr,
 ):
+    """One decode query per request (all ``G`` query heads of KV head ``h``). With ``SPLIT``
+    (split-K, for few requests over long caches) program ``sp`` covers blocks
+    ``[sp * per_split, (sp + 1) * per_split)`` and writes its softmax state (max, sum,
+    unnormalized output) for the host to combine; otherwise it writes the output."""
     QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
     TOP: tl.constexpr = 2 ** BITS - 1
     D: tl.constexpr = 2 * HALF
     r = tl.program_id(0)
     h = tl.program_id(1)
+    sp = tl.program_id(2)
     i = tl.arange(0, HALF)
     ch1, ch2 = _chan(i, NEOX, HALF)
     g = tl.arange(0, GP)
@@ -340,7 +346,9 @@ def decode_kernel(
     acc1 = tl.zeros((GP, HALF), tl.float32)
     acc2 = tl.zeros((GP, HALF), tl.float32)
     s = tl.arange(0, BT)
-    for j in range(M):
+    j0 = sp * per_split
+    j1 = tl.minimum(j0 + per_split, M)
+    for j in range(j0, j1):
         a = tl.load(starts_ptr + r * M + j)
         e = tl.load(ends_ptr + r * M + j)
         if e > a:
@@ -365,11 +373,19 @@ def decode_kernel(
             acc1 = acc1 * alpha[:, None] + tl.sum(pr[:, :, None] * v1[None, :, :], axis=1)
             acc2 = acc2 * alpha[:, None] + tl.sum(pr[:, :, None] * v2[None, :, :], axis=1)
             m_i = m_new
-    o1 = acc1 / l_i[:, None]
-    o2 = acc2 / l_i[:, None]
-    orow = out_ptr + (r * H * G + h * G + g)[:, None] * D
-    tl.store(orow + ch1[None, :], o1, mask=gm[:, None])
-    tl.store(orow + ch2[None, :], o2, mask=gm[:, None])
+    if SPLIT:
+        nsp = tl.num_programs(2)
+        prow = ((r * H + h) * nsp + sp) * GP + g  # [GP]
+        tl.store(part_m_ptr + prow, m_i)
+        tl.store(part_l_ptr + prow, l_i)
+        tl.store(part_acc_ptr + prow[:, None] * D + ch1[None, :], acc1)
+        tl.store(part_acc_ptr + prow[:, None] * D + ch2[None, :], acc2)
+    else:
+        o1 = acc1 / l_i[:, None]
+        o2 = acc2 / l_i[:, None]
+        orow = out_ptr + (r * H * G + h * G + g)[:, None] * D
+        tl.store(orow + ch1[None, :], o1, mask=gm[:, None])
+        tl.store(orow + ch2[None, :], o2, mask=gm[:, None])
 
 
 @triton.jit

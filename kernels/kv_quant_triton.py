@@ -126,9 +126,14 @@ def quant_decode_attention(
     *,
     scale: float,
     rope: Rope | None,
+    splits: int | None = None,
 ) -> torch.Tensor:
     """Triton :func:`~vllm_kvstream.kernels.kv_quant.quant_decode_attention_ref` (same
-    arguments); returns ``[B, heads, D]`` float32."""
+    arguments); returns ``[B, heads, D]`` float32.
+
+    ``splits``: programs per (request, KV head) along the blocks (split-K), their softmax
+    states combined here. Default: enough to give every streaming multiprocessor two
+    programs when requests x KV heads are fewer (one on CPU, the interpreter)."""
     _, decode_kernel = _kernels()
     L = layout
     B, num_heads, D = query.shape
@@ -146,13 +151,35 @@ def quant_decode_attention(
         cos, sin = cos.contiguous(), sin.contiguous()
     else:
         cos = sin = torch.zeros(1, device=query.device)
-    decode_kernel[(B, kv_heads)](
+    if splits is None:
+        splits = 1
+        if query.is_cuda:
+            sms = torch.cuda.get_device_properties(query.device).multi_processor_count
+            splits = -(-2 * sms // (B * kv_heads))
+    per_split = -(-M // max(1, min(int(splits), M)))
+    splits = -(-M // per_split)
+    gp = _next_pow2(group)
+    if splits > 1:
+        part_m = torch.empty(B, kv_heads, splits, gp, dtype=torch.float32, device=query.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(B, kv_heads, splits, gp, D, dtype=torch.float32, device=query.device)
+    else:
+        part_m = part_l = part_acc = out  # unused
+    decode_kernel[(B, kv_heads, splits)](
         query.float().contiguous(), cache, blocks.to(torch.int64).contiguous(), starts.to(torch.int32).contiguous(),
         ends.to(torch.int32).contiguous(), ranks.to(torch.int32).contiguous(), cos, sin, NF4.to(query.device), out,
-        M, scale,
-        H=kv_heads, G=group, GP=_next_pow2(group), HALF=D // 2, BT=_next_pow2(L.block_size),
-        NEOX=rope.is_neox_style if rope is not None else True, ROPE=rope is not None, **_layout_args(L),
+        part_m, part_l, part_acc,
+        M, per_split, scale,
+        H=kv_heads, G=group, GP=gp, HALF=D // 2, BT=_next_pow2(L.block_size),
+        NEOX=rope.is_neox_style if rope is not None else True, ROPE=rope is not None, SPLIT=splits > 1,
+        **_layout_args(L),
     )
+    if splits > 1:  # combine the splits' softmax states (a split that saw nothing: max -inf, sum 0)
+        m = part_m.amax(dim=2, keepdim=True)
+        w = torch.exp(part_m - m)  # [B, H, splits, GP]
+        num = (w[..., None] * part_acc).sum(dim=2)  # [B, H, GP, D]
+        den = (w * part_l).sum(dim=2)
+        out.copy_((num / den[..., None])[:, :, :group].reshape(B, num_heads, D))
     return out
 
 

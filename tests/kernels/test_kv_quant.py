@@ -266,6 +266,11 @@ def test_decode_kernel_matches_reference(bits, layout, D, H, G, bs, neox):
     got = quant_decode_attention(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
     assert not torch.isnan(expected).any()
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    # Split-K over the 6 blocks: 3 splits of 2, and 6 of 1 (then some splits see only
+    # evicted blocks: max -inf, sum 0, weight 0 when combined).
+    for splits in (3, 6):
+        split = quant_decode_attention(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope, splits=splits)
+        torch.testing.assert_close(split, expected, atol=2e-5, rtol=2e-5)
 
 
 def test_reference_attention_close_to_unquantized():
