@@ -8,7 +8,9 @@ plugin is not installed. Prints, per bit width:
   pages), the ratio to the float32 torch reference, and the fraction of ``--peak-gbps``;
 * decode attention at ``--tokens`` cached tokens per request: GB/s of pages read, time, and
   the speed ratio to bf16 decode attention over the same tokens (torch SDPA on a contiguous
-  bf16 cache: the fastest bf16 read there is, no paging) and to the torch reference.
+  bf16 cache: the fastest bf16 read there is, no paging), to the same kernel over 16-bit
+  (bf16) pages (row ``16``), and to the torch reference. The kernel splits long caches
+  across programs (split-K) when requests x KV heads leave SMs idle.
 
     python examples/bench_kv_quant_kernels.py [--tokens 32768] [--requests 8] [--peak-gbps 3350]
 
@@ -83,9 +85,14 @@ def main() -> None:
     rope = k.Rope.from_base(D, 10000.0, tokens + 1)
     rope_dev = k.Rope(rope.rotary_dim, rope.is_neox_style, rope.cos_sin_cache.to(device), rope.inv_freq.to(device))
     rows = []
-    for bits in (8, 4):
-        # The plugin's default layouts: INT4 with per-channel key zero points and NF4 values.
-        L = k.QuantLayout(bits, D, bs, align=bs, key_zero_point=bits == 4, value_levels="nf4" if bits == 4 else "uniform")
+    for bits in (16, 8, 4):
+        # The plugin's default layouts: INT4 with per-channel key zero points and NF4 values;
+        # 16: unquantized bf16 pages through the same kernels (the baseline they must beat).
+        if bits == 16:
+            L = k.QuantLayout(16, D, bs, align=bs, sink_tokens=0, float_dtype="bfloat16")
+        else:
+            L = k.QuantLayout(bits, D, bs, align=bs, key_zero_point=bits == 4,
+                              value_levels="nf4" if bits == 4 else "uniform")
         cache = torch.zeros(reqs * nblk, H, L.head_bytes, dtype=torch.uint8, device=device)
         n_store = reqs * tokens if device == "cuda" else tokens
         key = torch.randn(n_store, H, D, device=device, dtype=torch.bfloat16)
@@ -136,8 +143,10 @@ def main() -> None:
     peak = args.peak_gbps
     print(f"device: {torch.cuda.get_device_name() if device == 'cuda' else 'cpu (torch references only)'}; "
           f"{reqs} requests x {tokens} tokens, {H} KV heads x {G}, head {D}, block {bs}")
-    print("| bits | store GB/s | of peak | vs torch ref | decode ms | decode GB/s | of peak | vs bf16 SDPA | vs torch ref |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| bits | store GB/s | of peak | vs torch ref | decode ms | decode GB/s | of peak | vs bf16 SDPA "
+          "| vs 16-bit pages | vs torch ref |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    t16 = rows[0][5]
 
     def f(x, fmt):
         return "-" if x is None else format(x, fmt)
@@ -149,7 +158,7 @@ def main() -> None:
             f"| {bits} | {f(gbs_s, '.0f')} | {f(gbs_s / peak if gbs_s and peak else None, '.0%')} | "
             f"{f(tsr / ts if ts else None, '.0f')}x | {f(td * 1e3 if td else None, '.3f')} | {f(gbs_d, '.0f')} | "
             f"{f(gbs_d / peak if gbs_d and peak else None, '.0%')} | {f(tb / td if td else None, '.2f')}x | "
-            f"{f(tdr / td if td else None, '.0f')}x |"
+            f"{f(t16 / td if td and t16 else None, '.2f')}x | {f(tdr / td if td else None, '.0f')}x |"
         )
 
 
