@@ -13,7 +13,13 @@ from vllm_kvstream.kernels.kv_quant import (
     quant_read_ref,
     quant_write_ref,
 )
-from vllm_kvstream.kernels.kv_quant_triton import quant_decode_attention, quant_store, quant_write
+from vllm_kvstream.kernels.kv_quant_triton import (
+    quant_decode_attention,
+    quant_prefill_attention,
+    quant_sink_window_attention,
+    quant_store,
+    quant_write,
+)
 from vllm_kvstream.kernels.rope import Rope
 from vllm_kvstream.kernels.sink_decode import DecodePlan, plan_decode, sink_window_decode, split_cpu_kv_cache
 from vllm_kvstream.kernels.sink_attention import RequestSlice, sink_window_attention_ref, write_kv_ref
@@ -33,6 +39,8 @@ __all__ = [
     "QuantStats",
     "quant_decode_attention",
     "quant_decode_attention_ref",
+    "quant_prefill_attention",
+    "quant_sink_window_attention",
     "quant_read_ref",
     "quant_store",
     "quant_write",

@@ -239,6 +239,55 @@ def quant_prefill_attention(
     return out
 
 
+def quant_sink_window_attention(
+    query_pre: torch.Tensor,
+    cache: torch.Tensor,
+    needed: torch.Tensor,
+    table: torch.Tensor,
+    requests: list,
+    layout: QuantLayout,
+    *,
+    sink_tokens: int,
+    window_tokens: int | None,
+    scale: float,
+    rope: Rope | None,
+    out: torch.Tensor,
+    use_triton: bool | None = None,
+) -> torch.Tensor:
+    """Dispatcher of a step's sink + window attention over quantized pages (the quantized
+    backend's attention): ``query_pre`` ``[T, heads, D]`` before RoPE; ``needed`` ``[m]`` the
+    physical blocks the step reads; ``table`` ``[R, blocks]`` each request's logical blocks as
+    indices into ``needed`` (meaningful where the sink + window pattern reads);
+    ``requests``: ``RequestSlice`` s (``block_row`` indexes ``table``). Writes ``out``.
+
+    The Triton prefill kernel per request on CUDA (``use_triton=None``), the torch reference
+    elsewhere: dequantize ``needed`` once, then
+    :func:`~vllm_kvstream.kernels.sink_attention.sink_window_attention_ref`'s contract with
+    keys before RoPE."""
+    if use_triton is None:
+        use_triton = cache.is_cuda
+    if not use_triton:
+        from vllm_kvstream.kernels.kv_quant import quant_read_ref
+        from vllm_kvstream.kernels.sink_prefill import sink_window_attention
+
+        neox = rope.is_neox_style if rope is not None else True
+        k_all, v_all = quant_read_ref(cache, needed, layout, is_neox_style=neox)
+        return sink_window_attention(
+            query_pre, k_all, v_all, table, requests, sink_tokens=sink_tokens, window_tokens=window_tokens,
+            scale=scale, rope=rope, rope_applied=False, out=out,
+        )
+    for req in requests:
+        if req.q_end <= req.q_start:
+            continue
+        row = needed[table[req.block_row]]  # logical -> physical where the pattern reads
+        o = quant_prefill_attention(
+            query_pre[req.q_start : req.q_end], cache, row, layout, seq_len=req.seq_len,
+            sink_tokens=sink_tokens, window_tokens=window_tokens, scale=scale, rope=rope,
+        )
+        out[req.q_start : req.q_end] = o.to(out.dtype)
+    return out
+
+
 def quant_write(key_pre: torch.Tensor, *args, is_neox_style: bool = True) -> None:
     """Dispatcher of the store, :func:`quant_store`'s arguments: the Triton kernel on CUDA, the
     float32 reference :func:`~vllm_kvstream.kernels.kv_quant.quant_write_ref` elsewhere (the

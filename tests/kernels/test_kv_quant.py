@@ -399,3 +399,31 @@ def test_prefill_kernel_matches_reference(bits, layout, D, H, G, bs, neox, n, si
                                   scale=scale, rope=rope, block_queries=4)
     assert not torch.isnan(expected).any()
     torch.testing.assert_close(got, expected, atol=3e-5, rtol=3e-5)
+
+
+@pytest.mark.parametrize(("bits", "layout"), [(8, {}), (4, {"key_zero_point": True, "value_levels": "nf4"})])
+def test_step_dispatcher_triton_equals_torch_path(bits, layout):
+    """The quantized backend's attention for a whole step (a prefill chunk and two decodes of
+    three requests, planned as the backend plans them): the Triton path (what CUDA runs)
+    equals the torch path (what the CPU runs)."""
+    from vllm_kvstream.adapter.quant_attention import plan_quant_step
+    from vllm_kvstream.kernels.kv_quant_triton import quant_sink_window_attention
+    from vllm_kvstream.policies import AttentionPattern
+
+    D, H, G, bs = 32, 2, 2, 8
+    L, cache, _, _, row, rope = _stream(bits, D=D, H=H, bs=bs, n=45, seed=11, nb=24, **layout)
+    # Three requests sharing the written blocks (rows of the same pages), lengths 45, 30, 12.
+    table = torch.stack([row, row, row])
+    lens = torch.tensor([45, 30, 12])
+    qsl = torch.tensor([0, 9, 10, 11])  # a 9-token chunk, then two decode tokens
+    pattern = AttentionPattern(sink_tokens=3, window_tokens=13)
+    positions, requests, needed, idx = plan_quant_step(qsl, lens, table, pattern, bs)
+    q_pre = torch.randn(11, H * G, D, generator=torch.Generator().manual_seed(3))
+    outs = []
+    for use_triton in (False, True):
+        out = torch.zeros(11, H * G, D)
+        quant_sink_window_attention(q_pre, cache, needed, idx, requests, L, sink_tokens=3, window_tokens=13,
+                                    scale=1 / math.sqrt(D), rope=rope, out=out, use_triton=use_triton)
+        outs.append(out)
+    assert outs[0].abs().sum() > 0
+    torch.testing.assert_close(outs[1], outs[0], atol=3e-5, rtol=3e-5)

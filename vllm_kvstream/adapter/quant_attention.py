@@ -46,6 +46,7 @@ from vllm_kvstream.kernels import (
     QuantStats,
     RequestSlice,
     quant_read_ref,
+    quant_sink_window_attention,
     quant_write,
     selected_attention_ref,
     sink_window_attention,
@@ -288,13 +289,20 @@ class KVStreamQuantImpl(PolicyImplBase):
             return output
         if not md.requests:
             return output
-        k_all, v_all = quant_read_ref(pages, md.needed, self.layout, is_neox_style=rope.is_neox_style)
-        # Keys cached before RoPE: the query back to unrotated too, both rotated at cache positions.
-        q = query if post else rope.rotate(query.float(), -positions)
-        sink_window_attention(
-            q, k_all, v_all, md.table, md.requests,
+        if post:  # ablation: keys cached after RoPE (torch reference only)
+            k_all, v_all = quant_read_ref(pages, md.needed, self.layout, is_neox_style=rope.is_neox_style)
+            sink_window_attention(
+                query, k_all, v_all, md.table, md.requests,
+                sink_tokens=self.pattern.sink_tokens, window_tokens=self.pattern.window_tokens,
+                scale=self.scale, rope=rope, rope_applied=True, out=out,
+            )
+            return output
+        # Keys cached before RoPE: the query back to unrotated too, both rotated at cache
+        # positions. The dispatcher runs the Triton kernel on CUDA, the torch reference here.
+        quant_sink_window_attention(
+            rope.rotate(query.float(), -positions), pages, md.needed, md.table, md.requests, self.layout,
             sink_tokens=self.pattern.sink_tokens, window_tokens=self.pattern.window_tokens,
-            scale=self.scale, rope=rope, rope_applied=post, out=out,
+            scale=self.scale, rope=rope, out=out,
         )
         return output
 
