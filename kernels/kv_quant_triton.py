@@ -60,6 +60,19 @@ def _layout_args(layout: QuantLayout) -> dict:
     )
 
 
+def _rope_tables(rope: Rope | None, head_size: int, reach: int, device, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cos and sin tables the kernels look cache positions up in (``< reach``), checked."""
+    if rope is None:
+        zero = torch.zeros(1, device=device)
+        return zero, zero
+    if rope.rotary_dim != head_size:
+        raise ValueError(f"quantized {what} needs full rotary (rotary_dim {rope.rotary_dim} != head_size {head_size})")
+    if reach > rope.cos_sin_cache.shape[0]:
+        raise ValueError(f"cache positions reach {reach}, past the RoPE table ({rope.cos_sin_cache.shape[0]})")
+    cos, sin = rope.cos_sin_cache.float().to(device).chunk(2, dim=-1)
+    return cos.contiguous(), sin.contiguous()
+
+
 def write_segments(slots: torch.Tensor, block_size: int) -> tuple[torch.Tensor, ...]:
     """Split a slot mapping into per-block runs: ``(block, first token, count, first slot)``.
     vLLM's slot mappings hold each block's tokens contiguous and in order."""
@@ -141,16 +154,8 @@ def quant_decode_attention(
     group = num_heads // kv_heads
     M = blocks.shape[1]
     out = torch.empty(B, num_heads, D, dtype=torch.float32, device=query.device)
-    if rope is not None:
-        if rope.rotary_dim != D:
-            raise ValueError(f"quantized decode needs full rotary (rotary_dim {rope.rotary_dim} != head_size {D})")
-        reach = int((ranks + (ends - starts).clamp_min(0)).max())
-        if reach > rope.cos_sin_cache.shape[0]:
-            raise ValueError(f"cache positions reach {reach}, past the RoPE table ({rope.cos_sin_cache.shape[0]})")
-        cos, sin = rope.cos_sin_cache.float().to(query.device).chunk(2, dim=-1)
-        cos, sin = cos.contiguous(), sin.contiguous()
-    else:
-        cos = sin = torch.zeros(1, device=query.device)
+    reach = int((ranks + (ends - starts).clamp_min(0)).max()) if rope is not None else 0
+    cos, sin = _rope_tables(rope, D, reach, query.device, "decode")
     if splits is None:
         splits = 1
         if query.is_cuda:
@@ -218,16 +223,7 @@ def quant_prefill_attention(
     logical = sorted(set(range(-(-S // bs))) | set(range(lo // bs, -(-seq_len // bs))))
     blocks = block_row[torch.tensor(logical, dtype=torch.long)].to(torch.int64).to(query_pre.device)
     out = torch.empty(n, num_heads, D, dtype=torch.float32, device=query_pre.device)
-    if rope is not None:
-        if rope.rotary_dim != D:
-            raise ValueError(f"quantized prefill needs full rotary (rotary_dim {rope.rotary_dim} != head_size {D})")
-        reach = max(seq_len - base, min(seq_len, sink_tokens + W))
-        if reach > rope.cos_sin_cache.shape[0]:
-            raise ValueError(f"cache positions reach {reach}, past the RoPE table ({rope.cos_sin_cache.shape[0]})")
-        cos, sin = rope.cos_sin_cache.float().to(query_pre.device).chunk(2, dim=-1)
-        cos, sin = cos.contiguous(), sin.contiguous()
-    else:
-        cos = sin = torch.zeros(1, device=query_pre.device)
+    cos, sin = _rope_tables(rope, D, max(seq_len - base, min(seq_len, sink_tokens + W)), query_pre.device, "prefill")
     bm = min(block_queries, _next_pow2(n))
     kernel[(-(-n // bm), kv_heads)](
         query_pre.float().contiguous(), cache, blocks, torch.tensor(logical, dtype=torch.int32, device=query_pre.device),
