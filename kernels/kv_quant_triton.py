@@ -235,6 +235,28 @@ def quant_prefill_attention(
     return out
 
 
+def decode_entries(seq_len: int, sink_tokens: int, window_tokens: int | None,
+                   block_size: int) -> tuple[list[tuple[int, int, int, int]], int]:
+    """The sink + window pattern of one decode query (at ``seq_len - 1``) as the decode
+    kernel's entries ``(logical block, first slot, end slot, cache position of the first
+    slot)``, and the query's cache position. A block holding sinks and the window's start
+    (after evicted tokens) appears twice, one entry for each run."""
+    p = seq_len - 1
+    S = min(sink_tokens, seq_len)
+    W = window_tokens if window_tokens is not None else seq_len
+    ev = max(0, p - W + 1 - sink_tokens)
+    lo = max(S, p - W + 1)
+    entries = []
+    for a, e, shift in ((0, S, 0), (lo, seq_len, ev)):
+        t = a
+        while t < e:
+            lb = t // block_size
+            end = min(e, (lb + 1) * block_size)
+            entries.append((lb, t - lb * block_size, end - lb * block_size, t - shift))
+            t = end
+    return entries, p - ev
+
+
 def quant_sink_window_attention(
     query_pre: torch.Tensor,
     cache: torch.Tensor,
@@ -256,8 +278,8 @@ def quant_sink_window_attention(
     indices into ``needed`` (meaningful where the sink + window pattern reads);
     ``requests``: ``RequestSlice`` s (``block_row`` indexes ``table``). Writes ``out``.
 
-    The Triton prefill kernel per request on CUDA (``use_triton=None``), the torch reference
-    elsewhere: dequantize ``needed`` once, then
+    On CUDA (``use_triton=None``) the Triton kernels: every one-token request in one decode
+    launch, each longer chunk through the prefill kernel; elsewhere the torch reference: dequantize ``needed`` once, then
     :func:`~vllm_kvstream.kernels.sink_attention.sink_window_attention_ref`'s contract with
     keys before RoPE."""
     if use_triton is None:
@@ -272,8 +294,25 @@ def quant_sink_window_attention(
             query_pre, k_all, v_all, table, requests, sink_tokens=sink_tokens, window_tokens=window_tokens,
             scale=scale, rope=rope, rope_applied=False, out=out,
         )
+    decodes = [r for r in requests if r.q_end - r.q_start == 1]
+    if decodes:  # one launch for every one-token request
+        rows = torch.tensor([r.q_start for r in decodes], device=query_pre.device)
+        plan = [decode_entries(r.seq_len, sink_tokens, window_tokens, layout.block_size) for r in decodes]
+        width = max(len(p) for p, _ in plan)
+        ent = torch.zeros(len(decodes), width, 4, dtype=torch.long)  # logical block, start, end, rank
+        for i, (entries, _) in enumerate(plan):
+            ent[i, : len(entries)] = torch.tensor(entries)
+        phys = torch.stack([needed[table[r.block_row]].cpu()[ent[i, :, 0]] for i, r in enumerate(decodes)])
+        q = query_pre.index_select(0, rows).float()
+        if rope is not None:  # the query at its cache position
+            q = rope.rotate(q, torch.tensor([c for _, c in plan], device=q.device))
+        o = quant_decode_attention(
+            q, cache, phys.to(cache.device), ent[..., 1].to(cache.device), ent[..., 2].to(cache.device),
+            ent[..., 3].to(cache.device), layout, scale=scale, rope=rope,
+        )
+        out.index_copy_(0, rows, o.to(out.dtype))
     for req in requests:
-        if req.q_end <= req.q_start:
+        if req.q_end - req.q_start <= 1:
             continue
         row = needed[table[req.block_row]]  # logical -> physical where the pattern reads
         o = quant_prefill_attention(

@@ -401,8 +401,9 @@ def test_prefill_kernel_matches_reference(bits, layout, D, H, G, bs, neox, n, si
     torch.testing.assert_close(got, expected, atol=3e-5, rtol=3e-5)
 
 
+@pytest.mark.parametrize(("sinks", "window", "lens"), [(3, 13, (45, 30, 12)), (3, 4, (45, 9, 12)), (3, None, (45, 30, 12))])
 @pytest.mark.parametrize(("bits", "layout"), [(8, {}), (4, {"key_zero_point": True, "value_levels": "nf4"})])
-def test_step_dispatcher_triton_equals_torch_path(bits, layout):
+def test_step_dispatcher_triton_equals_torch_path(bits, layout, sinks, window, lens):
     """The quantized backend's attention for a whole step (a prefill chunk and two decodes of
     three requests, planned as the backend plans them): the Triton path (what CUDA runs)
     equals the torch path (what the CPU runs)."""
@@ -414,16 +415,28 @@ def test_step_dispatcher_triton_equals_torch_path(bits, layout):
     L, cache, _, _, row, rope = _stream(bits, D=D, H=H, bs=bs, n=45, seed=11, nb=24, **layout)
     # Three requests sharing the written blocks (rows of the same pages), lengths 45, 30, 12.
     table = torch.stack([row, row, row])
-    lens = torch.tensor([45, 30, 12])
+    lens = torch.tensor(lens)
     qsl = torch.tensor([0, 9, 10, 11])  # a 9-token chunk, then two decode tokens
-    pattern = AttentionPattern(sink_tokens=3, window_tokens=13)
+    # (3, 4) with length 9: the decode's window starts in block 0 after evicted tokens.
+    pattern = AttentionPattern(sink_tokens=sinks, window_tokens=window)
     positions, requests, needed, idx = plan_quant_step(qsl, lens, table, pattern, bs)
     q_pre = torch.randn(11, H * G, D, generator=torch.Generator().manual_seed(3))
     outs = []
     for use_triton in (False, True):
         out = torch.zeros(11, H * G, D)
-        quant_sink_window_attention(q_pre, cache, needed, idx, requests, L, sink_tokens=3, window_tokens=13,
+        quant_sink_window_attention(q_pre, cache, needed, idx, requests, L, sink_tokens=sinks, window_tokens=window,
                                     scale=1 / math.sqrt(D), rope=rope, out=out, use_triton=use_triton)
         outs.append(out)
     assert outs[0].abs().sum() > 0
     torch.testing.assert_close(outs[1], outs[0], atol=3e-5, rtol=3e-5)
+
+
+def test_decode_entries_split_a_block_holding_sinks_and_the_window_start():
+    from vllm_kvstream.kernels.kv_quant_triton import decode_entries
+
+    # block 8, sinks 3, window 4, query at 8: evicted 2 (tokens 3, 4); the window 5..8.
+    entries, pos = decode_entries(9, 3, 4, 8)
+    assert entries == [(0, 0, 3, 0), (0, 5, 8, 3), (1, 0, 1, 6)] and pos == 6
+    # Nothing evicted yet: one run, positions unchanged.
+    assert decode_entries(6, 3, 4, 8) == ([(0, 0, 3, 0), (0, 3, 6, 3)], 5)
+    assert decode_entries(20, 0, None, 8) == ([(0, 0, 8, 0), (1, 0, 8, 8), (2, 0, 4, 16)], 19)
