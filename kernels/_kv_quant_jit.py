@@ -31,9 +31,24 @@ def _encode_range(x, lo, hi, TOP: tl.constexpr):
     return tl.minimum(tl.maximum(q, 0.0), TOP).to(tl.int32)
 
 @triton.jit
-def _pick(ch, cho, a, b):
-    """Channel ``cho``'s entry of ``a`` and ``b`` (``[HALF]`` each, channels ``ch``), as scalars."""
-    return tl.sum(tl.where(ch == cho, a, 0.0), axis=0), tl.sum(tl.where(ch == cho, b, 0.0), axis=0)
+def _dequant(c1, c2, lo1, lo2, hi1, hi2, BITS: tl.constexpr, KZP: tl.constexpr):
+    """Main key codes (signed, from ``_load_main``) back to values with the channel range
+    (``[lo, hi]`` with a zero point; ``+-hi`` otherwise, ``lo`` unused)."""
+    QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
+    TOP: tl.constexpr = 2 ** BITS - 1
+    if KZP:  # codes 0..TOP across the channel's [min, max]
+        k1 = lo1[None, :] + (c1 + (QMAX + 1)) * ((hi1 - lo1)[None, :] / TOP)
+        k2 = lo2[None, :] + (c2 + (QMAX + 1)) * ((hi2 - lo2)[None, :] / TOP)
+    else:
+        k1 = c1 * (hi1[None, :] / QMAX)
+        k2 = c2 * (hi2[None, :] / QMAX)
+    return k1, k2
+
+@triton.jit
+def _at(ch1, ch2, cho, x1, x2):
+    """Channel ``cho``'s entry of a per-channel vector held as its two halves ``x1``, ``x2``
+    (channels ``ch1``, ``ch2``), as a scalar."""
+    return tl.sum(tl.where(ch1 == cho, x1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, x2, 0.0), axis=0)
 
 @triton.jit
 def _load_floats(page, rows, rmask, ch, CODES_OFF: tl.constexpr, D: tl.constexpr, BF16: tl.constexpr):
@@ -65,8 +80,6 @@ def _block_keys(page, s, rows, i, ch1, ch2, HALF: tl.constexpr, BITS: tl.constex
                 OUT_IDX_OFF: tl.constexpr, OUT_K_OFF: tl.constexpr, BF16: tl.constexpr):
     """Pre-RoPE keys of slots ``rows`` of one page, as the two channel halves ``[BT, HALF]``:
     main codes, then outlier channels and sink slots from their own sections."""
-    QMAX: tl.constexpr = 2 ** (BITS - 1) - 1
-    TOP: tl.constexpr = 2 ** BITS - 1
     D: tl.constexpr = 2 * HALF
     f16 = page.to(tl.pointer_type(tl.float16))
     if BITS == 16:
@@ -76,22 +89,19 @@ def _block_keys(page, s, rows, i, ch1, ch2, HALF: tl.constexpr, BITS: tl.constex
         kab1 = tl.load(f16 + K_SCALE_OFF // 2 + ch1).to(tl.float32)
         kab2 = tl.load(f16 + K_SCALE_OFF // 2 + ch2).to(tl.float32)
         c1, c2 = _load_main(page, s, rows, i, K_CODES_OFF, BITS, HALF)
-        if KZP:  # codes 0..TOP across the channel's [min, max]
+        if KZP:
             klo1 = tl.load(f16 + K_ZERO_OFF // 2 + ch1).to(tl.float32)
             klo2 = tl.load(f16 + K_ZERO_OFF // 2 + ch2).to(tl.float32)
-            k1 = klo1[None, :] + (c1 + (QMAX + 1)) * ((kab1 - klo1)[None, :] / TOP)
-            k2 = klo2[None, :] + (c2 + (QMAX + 1)) * ((kab2 - klo2)[None, :] / TOP)
-            oab1 = tl.maximum(kab1, -klo1)
-            oab2 = tl.maximum(kab2, -klo2)
         else:
-            k1 = c1 * (kab1[None, :] / QMAX)
-            k2 = c2 * (kab2[None, :] / QMAX)
-            oab1 = kab1
-            oab2 = kab2
+            klo1 = -kab1
+            klo2 = -kab2
+        k1, k2 = _dequant(c1, c2, klo1, klo2, kab1, kab2, BITS, KZP)
+        oab1 = tl.maximum(kab1, -klo1)  # outlier channels: 8 bits against the channel's absmax
+        oab2 = tl.maximum(kab2, -klo2)
         # Outlier channels and sink slots: taken from their own sections.
         for o in tl.static_range(NOUT):
             cho = tl.load(page + OUT_IDX_OFF + o).to(tl.int32)
-            abs_o = tl.sum(tl.where(ch1 == cho, oab1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, oab2, 0.0), axis=0)
+            abs_o = _at(ch1, ch2, cho, oab1, oab2)
             vo = (tl.load(page + OUT_K_OFF + s * NOUT + o, mask=rows, other=128).to(tl.float32) - 128.0) * (abs_o / 127.0)
             k1 = tl.where(ch1[None, :] == cho, vo[:, None], k1)
             k2 = tl.where(ch2[None, :] == cho, vo[:, None], k2)
@@ -207,17 +217,10 @@ def store_kernel(
     # Earlier tokens of a block whose range grew: decode with the old range, re-encode below.
     prev = (s < off0) & ((s * 0 + grown) > 0)
     p1, p2 = _load_main(page, s, prev, i, K_CODES_OFF, BITS, HALF)
-    if KZP:
-        p1 = oldlo1[None, :] + (p1 + ZERO) * ((old1 - oldlo1)[None, :] / TOP)
-        p2 = oldlo2[None, :] + (p2 + ZERO) * ((old2 - oldlo2)[None, :] / TOP)
-    else:
-        p1 = p1 * (old1[None, :] / QMAX)
-        p2 = p2 * (old2[None, :] / QMAX)
+    p1, p2 = _dequant(p1, p2, oldlo1, oldlo2, old1, old2, BITS, KZP)
     for o in tl.static_range(NOUT):
         cho = tl.load(page + OUT_IDX_OFF + o).to(tl.int32)
-        oh1, oh2 = _pick(ch1, cho, old1, tl.maximum(old1, -oldlo1))
-        oh3, oh4 = _pick(ch2, cho, old2, tl.maximum(old2, -oldlo2))
-        old_o = oh2 + oh4
+        old_o = _at(ch1, ch2, cho, tl.maximum(old1, -oldlo1), tl.maximum(old2, -oldlo2))
         co = tl.load(page + OUT_K_OFF + s * NOUT + o, mask=prev, other=128).to(tl.float32) - 128.0
         vo = co * (old_o / 127.0)
         p1 = tl.where(ch1[None, :] == cho, vo[:, None], p1)
@@ -258,7 +261,7 @@ def store_kernel(
         w2 = tl.where(ch2 == cho, -1.0, w2)
         if off0 == 0:
             tl.store(page + OUT_IDX_OFF + o, cho.to(tl.uint8))
-        abs_o = tl.sum(tl.where(ch1 == cho, abs1, 0.0), axis=0) + tl.sum(tl.where(ch2 == cho, abs2, 0.0), axis=0)
+        abs_o = _at(ch1, ch2, cho, abs1, abs2)
         col = tl.sum(tl.where(ch1[None, :] == cho, k1, 0.0), axis=1) + tl.sum(tl.where(ch2[None, :] == cho, k2, 0.0), axis=1)
         oc = tl.where(sink, 128, _encode(col, abs_o, 127))
         tl.store(page + OUT_K_OFF + s * NOUT + o, oc.to(tl.uint8), mask=enc)

@@ -447,15 +447,15 @@ def quant_write_ref(
     if rope is not None:
         k = rope.rotate(k, -positions)  # back to pre-RoPE
     v = value.float()
+    blocks, offsets = slots // bs, slots % bs
     if not L.scaled:  # 16-bit pages: the floats themselves, channels in order
         dt = FLOAT_DTYPES[L.float_dtype]
-        view.k_codes[slots // bs, :, slots % bs] = k.to(dt).view(torch.uint8)
-        view.v_codes[slots // bs, :, slots % bs] = v.to(dt).view(torch.uint8)
+        view.k_codes[blocks, :, offsets] = k.to(dt).view(torch.uint8)
+        view.v_codes[blocks, :, offsets] = v.to(dt).view(torch.uint8)
         return
     is_sink = positions < S
     if bool((~is_sink).any()):
         stats.update(k[~is_sink])
-    blocks, offsets = slots // bs, slots % bs
     neox = is_neox_style if is_neox_style is not None else (rope.is_neox_style if rope is not None else True)
     for b in torch.unique(blocks).tolist():
         sel = blocks == b

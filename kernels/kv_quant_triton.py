@@ -34,17 +34,19 @@ def _next_pow2(x: int) -> int:
 
 
 @functools.cache
-def _kernels():
-    from vllm_kvstream.kernels import _kv_quant_jit as jit
+def _jit():
+    """The JIT module, imported on first use (see the module docstring)."""
+    from vllm_kvstream.kernels import _kv_quant_jit
 
-    return jit.store_kernel, jit.decode_kernel
+    return _kv_quant_jit
 
 
-@functools.cache
-def _prefill_kernel():
-    from vllm_kvstream.kernels import _kv_quant_jit as jit
-
-    return jit.prefill_kernel
+def _sink_window(first: int, seq_len: int, sink_tokens: int, window_tokens: int | None) -> tuple[int, int, int, int]:
+    """The sink + window pattern of queries from ``first``: ``(sinks cached, window, tokens
+    evicted before the first query's window, first window token)`` (window ``None``: unbounded)."""
+    S = min(sink_tokens, seq_len)
+    W = window_tokens if window_tokens is not None else 1 << 30
+    return S, W, max(0, first - W + 1 - sink_tokens), max(S, first - W + 1)
 
 
 def _layout_args(layout: QuantLayout) -> dict:
@@ -98,15 +100,12 @@ def quant_store(
     """Triton :func:`~vllm_kvstream.kernels.kv_quant.quant_write_ref` for keys already
     rotated back to pre-RoPE (``key_pre``): updates ``stats``, then one program per (written
     block, KV head)."""
-    store_kernel, _ = _kernels()
     L = layout
     if not L.scaled:  # 16-bit pages: the floats themselves
-        from vllm_kvstream.kernels import _kv_quant_jit as jit
-
         D = L.head_size
         if D & (D - 1):
             raise ValueError(f"16-bit pages need a power-of-two head size for the Triton store, got {D}")
-        jit.store16_kernel[(key_pre.shape[0], key_pre.shape[1])](
+        _jit().store16_kernel[(key_pre.shape[0], key_pre.shape[1])](
             key_pre, value, cache, slots.to(torch.int64).contiguous(),
             key_pre.stride(0), key_pre.stride(1), value.stride(0), value.stride(1),
             H=key_pre.shape[1], D=D, BS=L.block_size, K_CODES_OFF=L.k_codes_off, V_CODES_OFF=L.v_codes_off,
@@ -119,7 +118,7 @@ def quant_store(
     blocks, t0, counts, off0 = write_segments(slots, L.block_size)
     heads = key_pre.shape[1]
     grid = (len(blocks), heads)
-    store_kernel[grid](
+    _jit().store_kernel[grid](
         key_pre, value, positions.to(torch.int64), cache, stats.ema_absmax, stats.ema_min, stats.ema_max,
         blocks, t0, counts, off0, NF4_EDGES.to(key_pre.device),
         key_pre.stride(0), key_pre.stride(1), value.stride(0), value.stride(1),
@@ -147,7 +146,6 @@ def quant_decode_attention(
     ``splits``: programs per (request, KV head) along the blocks (split-K), their softmax
     states combined here. Default: enough to give every streaming multiprocessor two
     programs when requests x KV heads are fewer (one on CPU, the interpreter)."""
-    _, decode_kernel = _kernels()
     L = layout
     B, num_heads, D = query.shape
     kv_heads = cache.shape[1]
@@ -170,7 +168,7 @@ def quant_decode_attention(
         part_acc = torch.empty(B, kv_heads, splits, gp, D, dtype=torch.float32, device=query.device)
     else:
         part_m = part_l = part_acc = out  # unused
-    decode_kernel[(B, kv_heads, splits)](
+    _jit().decode_kernel[(B, kv_heads, splits)](
         query.float().contiguous(), cache, blocks.to(torch.int64).contiguous(), starts.to(torch.int32).contiguous(),
         ends.to(torch.int32).contiguous(), ranks.to(torch.int32).contiguous(), cos, sin, NF4.to(query.device), out,
         part_m, part_l, part_acc,
@@ -209,23 +207,19 @@ def quant_prefill_attention(
     ``seq_len - n .. seq_len - 1``; ``block_row``: the request's logical -> physical blocks.
     Only the sink blocks and the blocks of the chunk's windows are listed for the kernel (an
     evicted block's id is never dereferenced). Returns ``[n, heads, D]`` float32."""
-    kernel = _prefill_kernel()
     L = layout
     n, num_heads, D = query_pre.shape
     kv_heads = cache.shape[1]
     group = num_heads // kv_heads
     bs = L.block_size
     first = seq_len - n
-    S = min(sink_tokens, seq_len)
-    W = window_tokens if window_tokens is not None else 1 << 30
-    base = max(0, first - W + 1 - sink_tokens)
-    lo = max(S, first - W + 1)
+    S, W, base, lo = _sink_window(first, seq_len, sink_tokens, window_tokens)
     logical = sorted(set(range(-(-S // bs))) | set(range(lo // bs, -(-seq_len // bs))))
     blocks = block_row[torch.tensor(logical, dtype=torch.long)].to(torch.int64).to(query_pre.device)
     out = torch.empty(n, num_heads, D, dtype=torch.float32, device=query_pre.device)
     cos, sin = _rope_tables(rope, D, max(seq_len - base, min(seq_len, sink_tokens + W)), query_pre.device, "prefill")
     bm = min(block_queries, _next_pow2(n))
-    kernel[(-(-n // bm), kv_heads)](
+    _jit().prefill_kernel[(-(-n // bm), kv_heads)](
         query_pre.float().contiguous(), cache, blocks, torch.tensor(logical, dtype=torch.int32, device=query_pre.device),
         cos, sin, NF4.to(query_pre.device), out,
         n, len(logical), first, seq_len, base, sink_tokens, W, scale,
@@ -242,10 +236,7 @@ def decode_entries(seq_len: int, sink_tokens: int, window_tokens: int | None,
     slot)``, and the query's cache position. A block holding sinks and the window's start
     (after evicted tokens) appears twice, one entry for each run."""
     p = seq_len - 1
-    S = min(sink_tokens, seq_len)
-    W = window_tokens if window_tokens is not None else seq_len
-    ev = max(0, p - W + 1 - sink_tokens)
-    lo = max(S, p - W + 1)
+    S, _, ev, lo = _sink_window(p, seq_len, sink_tokens, window_tokens)
     entries = []
     for a, e, shift in ((0, S, 0), (lo, seq_len, ev)):
         t = a
@@ -279,7 +270,8 @@ def quant_sink_window_attention(
     ``requests``: ``RequestSlice`` s (``block_row`` indexes ``table``). Writes ``out``.
 
     On CUDA (``use_triton=None``) the Triton kernels: every one-token request in one decode
-    launch, each longer chunk through the prefill kernel; elsewhere the torch reference: dequantize ``needed`` once, then
+    launch, each longer chunk through the prefill kernel. Elsewhere the torch reference:
+    dequantize ``needed`` once, then
     :func:`~vllm_kvstream.kernels.sink_attention.sink_window_attention_ref`'s contract with
     keys before RoPE."""
     if use_triton is None:
@@ -302,14 +294,14 @@ def quant_sink_window_attention(
         ent = torch.zeros(len(decodes), width, 4, dtype=torch.long)  # logical block, start, end, rank
         for i, (entries, _) in enumerate(plan):
             ent[i, : len(entries)] = torch.tensor(entries)
-        phys = torch.stack([needed[table[r.block_row]].cpu()[ent[i, :, 0]] for i, r in enumerate(decodes)])
+        ent = ent.to(cache.device)
+        # Each decode's row (logical -> physical where the pattern reads), then its entries' blocks.
+        row_idx = table[torch.tensor([r.block_row for r in decodes], device=table.device)]
+        phys = torch.gather(needed[row_idx], 1, ent[..., 0])
         q = query_pre.index_select(0, rows).float()
         if rope is not None:  # the query at its cache position
             q = rope.rotate(q, torch.tensor([c for _, c in plan], device=q.device))
-        o = quant_decode_attention(
-            q, cache, phys.to(cache.device), ent[..., 1].to(cache.device), ent[..., 2].to(cache.device),
-            ent[..., 3].to(cache.device), layout, scale=scale, rope=rope,
-        )
+        o = quant_decode_attention(q, cache, phys, ent[..., 1], ent[..., 2], ent[..., 3], layout, scale=scale, rope=rope)
         out.index_copy_(0, rows, o.to(out.dtype))
     for req in requests:
         if req.q_end - req.q_start <= 1:

@@ -203,16 +203,20 @@ class SelectionStore:
         for i, (req, state) in enumerate(step):
             layer = state.layers[layer_name]
             sel = layer.selection
-            if sel.num_tokens != req.first_pos:
-                raise RuntimeError(
-                    f"vllm-kvstream: {self.policy.name} selection of layer {layer_name} holds "
-                    f"{sel.num_tokens} tokens but the step starts at {req.first_pos}"
-                )
+            self._check_start(layer_name, layer, req)
             if attention:
                 if len(layer.pending) >= MASS_BATCH:
                     self.score_pending(layer, req, kv_cache, scale=scale, rope=rope)
                 layer.pending.append((queries, i))
             sel.extend(req.seq_len)
+
+    def _check_start(self, layer_name: str, layer: LayerSelection, req: SelectRequest) -> None:
+        """The layer's selection holds exactly the tokens before the step's first query."""
+        if layer.selection.num_tokens != req.first_pos:
+            raise RuntimeError(
+                f"vllm-kvstream: {self.policy.name} selection of layer {layer_name} holds "
+                f"{layer.selection.num_tokens} tokens but the step starts at {req.first_pos}"
+            )
 
     def score_pending(self, layer: LayerSelection, req: SelectRequest, kv_cache: torch.Tensor, *, scale: float,
                       rope: Rope | None) -> None:
@@ -250,11 +254,7 @@ class SelectionStore:
             layer = state.layers.get(layer_name)
             if layer is None:
                 layer = state.layers[layer_name] = LayerSelection(BlockSelection(self.policy, self.block_size))
-            if layer.selection.num_tokens != req.first_pos:
-                raise RuntimeError(
-                    f"vllm-kvstream: {self.policy.name} selection of layer {layer_name} holds "
-                    f"{layer.selection.num_tokens} tokens but the step starts at {req.first_pos}"
-                )
+            self._check_start(layer_name, layer, req)
             self.score_pending(layer, req, kv_cache, scale=scale, rope=rope)  # older queries count first
             if state.steady:
                 steady.append((req, layer))
