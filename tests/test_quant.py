@@ -52,3 +52,17 @@ def test_ablation_knobs_validated():
     assert "keys per token (absmax) after RoPE" in q.describe() and "outlier" not in q.describe()
     with pytest.raises(KVStreamConfigError, match="key_rope"):
         parse_quant("int4", {"key_rope": "before"})
+
+
+def test_kv_pages_setting_validated_against_kv_quant():
+    from vllm_kvstream.quant import PAGE_MODES, pages_from_additional_config
+
+    assert pages_from_additional_config(None) == "auto"
+    assert pages_from_additional_config({"kv_policy": "full"}) == "auto"
+    assert pages_from_additional_config({"kv_pages": "paged16"}) == "paged16"
+    assert pages_from_additional_config({"kv_pages": "auto", "kv_quant": "int8"}) == "auto"
+    with pytest.raises(KVStreamConfigError, match=r"kv_pages='fp8' is not supported; allowed: auto, paged16"):
+        pages_from_additional_config({"kv_pages": "fp8"})
+    with pytest.raises(KVStreamConfigError, match=r"kv_pages='paged16' with --kv-quant 'int4'.*allowed with --kv-quant: kv_pages='auto'"):
+        pages_from_additional_config({"kv_pages": "paged16", "kv_quant": "int4"})
+    assert PAGE_MODES == ("auto", "paged16")

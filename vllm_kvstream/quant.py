@@ -8,6 +8,15 @@ in vLLM's ``additional_config``::
 
 ``vllm serve MODEL --kv-quant int4 [--kv-policy streaming-sink]``; without ``--kv-policy``
 the policy is ``full`` (every token kept, each block quantized).
+
+Unquantized, a policy's blocks are stored one of two ways (``kv_pages`` in
+``additional_config``):
+
+* ``"auto"`` (default): vLLM's own layout where the platform's attention kernel is composed
+  (CPU: the stock C++ kernel runs every step that evicts nothing), the plugin's 16-bit pages
+  elsewhere (CUDA, where the Triton kernels of ``kernels/kv_quant_triton.py`` serve them);
+* ``"paged16"``: the plugin's 16-bit pages on every platform (on CPU: the path CUDA runs,
+  through the torch reference), keys before RoPE in the model's float16/bfloat16.
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ QUANT_KEY = "kv_quant"
 QUANT_PARAMS_KEY = "kv_quant_config"
 #: ``--kv-quant`` values and their bit widths.
 QUANT_METHODS = {"int8": 8, "int4": 4}
+PAGES_KEY = "kv_pages"
+#: ``kv_pages`` values (module docstring).
+PAGE_MODES = ("auto", "paged16")
 
 
 class KVQuantConfig(BaseModel):
@@ -117,3 +129,17 @@ def quant_from_additional_config(additional_config: Mapping[str, Any] | None) ->
         except json.JSONDecodeError as exc:
             raise KVStreamConfigError(f"--kv-quant-config must be a JSON object, got {params!r} ({exc.msg})") from None
     return parse_quant(additional_config.get(QUANT_KEY), params)
+
+
+def pages_from_additional_config(additional_config: Mapping[str, Any] | None) -> str:
+    """``kv_pages`` (module docstring), validated against ``kv_quant``: quantized blocks are
+    always the plugin's pages, so only ``auto`` goes with ``kv_quant``."""
+    mode = (additional_config or {}).get(PAGES_KEY, "auto")
+    if mode not in PAGE_MODES:
+        raise KVStreamConfigError(f"{PAGES_KEY}={mode!r} is not supported; allowed: {', '.join(PAGE_MODES)}")
+    if mode != "auto" and (additional_config or {}).get(QUANT_KEY) is not None:
+        raise KVStreamConfigError(
+            f"{PAGES_KEY}={mode!r} with --kv-quant {additional_config[QUANT_KEY]!r}: quantized blocks are the "
+            f"plugin's pages already; allowed with --kv-quant: {PAGES_KEY}='auto'"
+        )
+    return mode

@@ -75,3 +75,35 @@ def test_quantized_close_to_unquantized_on_smollm2(smollm2):
     assert ppl["sink", "int4"] < 1.05 * ppl["sink", None], ppl
     # topk-importance over quantized pages (blocks selected, contents moved as pages).
     assert 0 < drift("topk", "int8") and ppl["topk", "int8"] < 1.01 * ppl["topk", None], ppl
+
+
+def test_paged16_pages_match_vllms_layout_on_smollm2(smollm2):
+    """``kv_pages='paged16'`` runs on CPU the path every policy takes on CUDA (the plugin's
+    16-bit pages, keys before RoPE): same page size as vLLM's layout, and the same stream —
+    prefill past the window and greedy decode — up to bf16 rounding."""
+    from transformers import AutoTokenizer
+
+    from vllm_kvstream.data.austen import austen_text
+
+    tokens = AutoTokenizer.from_pretrained(smollm2)(austen_text()[20000:40000])["input_ids"]
+    jobs = [
+        {"tag": "p", "prompts": [tokens[:1000]], "sampling": {"max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}},
+        {"tag": "g", "prompts": [tokens[1000:1500]],
+         "sampling": {"max_tokens": 48, "temperature": 0.0, "logprobs": 0, "ignore_eos": True}},
+    ]
+    sink = policy_config("streaming-sink", sink_tokens=4, window_tokens=252)
+    runs = {}
+    for pages in ("auto", "paged16"):
+        engine = {"model": smollm2, "enforce_eager": True, "dtype": "bfloat16", "block_size": 32, "seed": 0,
+                  "max_num_batched_tokens": 512, "additional_config": {**sink, "kv_pages": pages}}
+        runs[pages] = run_engine(engine, jobs)
+    stock, paged = runs["auto"], runs["paged16"]
+    assert paged["num_blocks"] == stock["num_blocks"]  # a 16-bit page costs what vLLM's page costs
+    a, b = (r["jobs"][0]["results"][0]["prompt_logprobs"][1:] for r in (stock, paged))
+    ppl_a, ppl_b = (math.exp(-sum(x) / len(x)) for x in (a, b))
+    assert abs(ppl_b / ppl_a - 1) < 0.01, (ppl_a, ppl_b)  # measured: +0.28%
+    assert sum(abs(x - y) for x, y in zip(a, b)) / len(a) < 0.1  # measured: 0.040
+    ga, gb = (r["jobs"][1]["results"][0] for r in (stock, paged))
+    assert ga["token_ids"][:32] == gb["token_ids"][:32]  # measured: all 48 equal
+    assert sum(abs(x - y) for x, y in zip(ga["logprobs"][:32], gb["logprobs"][:32])) / 32 < 0.1  # measured: 0.020
+    assert paged["jobs"][1]["peak_held"] == stock["jobs"][1]["peak_held"]  # the same blocks kept: 16

@@ -24,10 +24,18 @@ yet runs the stock kernel, the store only recording the queries it scores later.
 machine; this backend pins it to ``vec``/``vec16``, whose layout (keys transposed per block
 and head) is the one those readers know (``amx`` packs bf16 keys into tiles instead).
 
+This backend is the CPU one: it composes vLLM's CPU kernels, which CUDA builds of vLLM do
+not ship. Everywhere else, and on CPU with ``--kv-quant`` or ``kv_pages='paged16'``, a policy
+runs ``quant_attention.KVStreamQuantBackend`` over the plugin's own pages (quantized, or
+16-bit floats), whose attention is the Triton kernels on CUDA.
+
 How it is selected (monkeypatch, written down): on CPU the platform always answers
 ``CPU_ATTN``. :func:`route_backend` wraps the platform's ``get_attn_backend_cls`` so that,
 while the config being served names a policy, decoder attention resolves to
-:class:`KVStreamBackend` (``quant_attention.KVStreamQuantBackend`` with ``--kv-quant``); with no policy the wrapper returns the platform's answer untouched.
+:class:`KVStreamBackend`, or ``quant_attention.KVStreamQuantBackend`` where the blocks live
+in the plugin's pages (``kv_manager.plugin_pages``); with no policy the wrapper returns the
+platform's answer untouched. The same wrapper serves the CUDA platform (vLLM 0.33), whose
+choice it overrides the same way (the selector still validates the class it is handed).
 Upstream change that would remove it: a platform honouring a backend chosen per KV-cache
 spec kind by plugins (``attention_config.backend_per_kind`` exists but the CPU platform
 ignores the selected backend).
@@ -41,11 +49,18 @@ from typing import ClassVar
 
 import torch
 
-from vllm_kvstream.adapter.compat import probe
-from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_spec
+from vllm_kvstream.adapter.compat import on_cpu, probe
+from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_spec, plugin_pages
 from vllm_kvstream.adapter.rope import recorded_rope
 from vllm_kvstream.adapter.selection import SelectionStore, select_requests
-from vllm_kvstream.adapter.state import active_policy, active_quant, current_config, policy_for, remember_engine_config
+from vllm_kvstream.adapter.state import (
+    active_pages,
+    active_policy,
+    active_quant,
+    current_config,
+    policy_for,
+    remember_engine_config,
+)
 from vllm_kvstream.kernels import (
     DecodePlan,
     RequestSlice,
@@ -124,7 +139,7 @@ class KVStreamBackend(AttentionBackend):
             return spec
         if spec.block_size == 1:  # per-token page-size probes by the platform
             return spec
-        return make_spec(spec, policy, _max_query_tokens(), active_quant())
+        return make_spec(spec, policy, _max_query_tokens(), active_quant(), active_pages())
 
 
 @dataclass
@@ -142,6 +157,11 @@ class KVStreamMetadata:
 class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        if not on_cpu():
+            raise RuntimeError(
+                "vllm-kvstream: the stock-layout backend composes vLLM's CPU kernels and runs on CPU only; "
+                "off CPU a policy runs over the plugin's pages (route_backend chooses it)"
+            )
         self.block_size = kv_cache_spec.block_size
         policy = kv_cache_spec.policy if isinstance(kv_cache_spec, KVStreamAttentionSpec) else active_policy()
         self.pattern = policy.pattern
@@ -349,7 +369,7 @@ def route_backend() -> None:
             and not attn_selector_config.use_mla
             and attn_selector_config.attn_type == AttentionType.DECODER
         ):
-            return QUANT_BACKEND_PATH if active_quant() is not None else BACKEND_PATH
+            return QUANT_BACKEND_PATH if plugin_pages(active_quant(), active_pages(), on_cpu()) else BACKEND_PATH
         return path
 
     get_attn_backend_cls.__kvstream_wrapped__ = True

@@ -55,3 +55,9 @@ def probe(path: str) -> Any:
             f"needs ({exc}). Supported: vLLM >=0.32,<0.34."
         ) from exc
     return obj
+
+
+def on_cpu() -> bool:
+    """Whether this process runs vLLM's CPU platform (the stock-layout backend composes its C++
+    kernels, which CUDA builds of vLLM do not ship)."""
+    return bool(probe("vllm.platforms:current_platform").is_cpu())

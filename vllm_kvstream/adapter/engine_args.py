@@ -17,7 +17,11 @@ Monkeypatches, written down:
   cache never exceed sink + window). After vLLM's own checks it verifies the policy against
   the block size and the model's trained context. Removable when vLLM lets a KV-cache spec
   declare that it bounds positions (and so ``max_model_len``). The same wrapper starts the
-  engine's plugin metrics (``adapter/metrics.py``), once its config is known.
+  engine's plugin metrics (``adapter/metrics.py``), once its config is known. Off CPU (vLLM
+  0.33, CUDA) it also sets ``enforce_eager``: the plugin's rotary op decides per step whether
+  positions run past the model's table (``adapter/rope.py``), a data-dependent branch that
+  neither ``torch.compile(fullgraph=True)`` nor a captured CUDA graph can hold. Removable
+  with the rotary op change named in ``rope.py``.
 """
 
 from __future__ import annotations
@@ -26,10 +30,16 @@ import argparse
 import logging
 import os
 
-from vllm_kvstream.adapter.compat import probe
+from vllm_kvstream.adapter.compat import on_cpu, probe
 from vllm_kvstream.errors import KVStreamConfigError
 from vllm_kvstream.policies import available_policies
-from vllm_kvstream.quant import QUANT_KEY, QUANT_METHODS, QUANT_PARAMS_KEY, quant_from_additional_config
+from vllm_kvstream.quant import (
+    QUANT_KEY,
+    QUANT_METHODS,
+    QUANT_PARAMS_KEY,
+    pages_from_additional_config,
+    quant_from_additional_config,
+)
 from vllm_kvstream.settings import PARAMS_KEY, POLICY_KEY, normalized, parse_params_json, policy_from_additional_config
 
 logger = logging.getLogger(__name__)
@@ -101,6 +111,7 @@ def prepare_engine_args(engine_args) -> None:
     streaming. Raises :class:`KVStreamConfigError`."""
     policy = policy_from_additional_config(engine_args.additional_config)
     quant = quant_from_additional_config(engine_args.additional_config)
+    pages_from_additional_config(engine_args.additional_config)
     from vllm_kvstream.adapter.attention import clear_backend_cache
     from vllm_kvstream.adapter.rope import forget_recorded_ropes
     from vllm_kvstream.adapter.state import forget_engine_config
@@ -133,6 +144,10 @@ def prepare_engine_args(engine_args) -> None:
                 "(it rewrites KV blocks in place); allowed: --no-enable-prefix-caching"
             )
         engine_args.enable_prefix_caching = False
+    if not on_cpu() and not engine_args.enforce_eager:  # see the module docstring
+        logger.warning("vllm-kvstream: --kv-policy %s runs eagerly off CPU (enforce_eager=True): its rotary "
+                       "op branches on positions per step, which compiled graphs cannot hold", policy.name)
+        engine_args.enforce_eager = True
     if policy.bounded:
         os.environ["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
         if engine_args.max_model_len is None:
@@ -148,11 +163,13 @@ def check_engine_config(vllm_config) -> None:
     trained = getattr(hf, "max_position_embeddings", None)
     block_size = vllm_config.cache_config.block_size
     policy.check_engine_fit(block_size=block_size, trained_context=trained)
-    quant = quant_from_additional_config(vllm_config.additional_config)
-    if quant is not None:
-        from vllm_kvstream.adapter.kv_manager import quant_layout
+    from vllm_kvstream.adapter.kv_manager import page_layout
 
-        quant_layout(quant, vllm_config.model_config.get_head_size(), block_size)  # raises naming the bad value
+    page_layout(  # raises naming the bad value (block or head size, a float32 model in 16-bit pages)
+        quant_from_additional_config(vllm_config.additional_config),
+        pages_from_additional_config(vllm_config.additional_config),
+        vllm_config.model_config.get_head_size(), block_size, vllm_config.model_config.dtype, cpu=on_cpu(),
+    )
 
 
 def _forget_cached_ropes() -> None:
@@ -185,6 +202,7 @@ def patch_engine_args() -> None:
             engine_args.additional_config = fold_flags_into_additional_config(args, engine_args.additional_config)
             policy_from_additional_config(engine_args.additional_config)
             quant_from_additional_config(engine_args.additional_config)
+            pages_from_additional_config(engine_args.additional_config)
         except KVStreamConfigError as exc:
             raise SystemExit(f"vllm-kvstream: error: {exc}") from None
         return engine_args

@@ -19,7 +19,9 @@ its middle blocks.
 Quantized blocks (``--kv-quant``): the same spec carries the method; its page is the
 quantized layout (``kernels/kv_quant.py``, dtype uint8, ``state_content_bytes`` per token and
 head), so the block count vLLM derives from the KV memory, and the token capacity it logs
-and admits by, grows by the real byte ratio.
+and admits by, grows by the real byte ratio. Unquantized blocks use the same backend with
+16-bit pages (``kv_pages``, see ``quant.py``) off CPU, or on CPU when asked: the page then
+costs exactly what vLLM's own layout costs (``(K + V) x head size x 2 bytes`` a token).
 
 Sizing: vLLM sizes start-up and admission for ``max_model_len`` tokens per request; this
 spec reports the policy's bound instead (``max_memory_usage_bytes``), and the manager caps
@@ -34,7 +36,7 @@ from typing import Any
 
 import torch
 
-from vllm_kvstream.adapter.compat import probe
+from vllm_kvstream.adapter.compat import on_cpu, probe
 from vllm_kvstream.adapter.metrics import StreamTracker
 from vllm_kvstream.errors import KVStreamConfigError
 from vllm_kvstream.kernels import QuantLayout
@@ -57,6 +59,8 @@ class KVStreamAttentionSpec(FullAttentionSpec):
     #: ``--kv-quant`` method ("" when unquantized) and its options.
     kv_quant: str = ""
     kv_quant_params: tuple[tuple[str, Any], ...] = ()
+    #: Unquantized blocks in the plugin's 16-bit pages: their float type ("" otherwise).
+    kv_pages: str = ""
 
     @cached_property
     def policy(self) -> KVPolicy:
@@ -68,6 +72,9 @@ class KVStreamAttentionSpec(FullAttentionSpec):
 
     @cached_property
     def quant_layout(self) -> QuantLayout | None:
+        """The plugin's page layout (quantized or 16-bit); ``None``: vLLM's own layout."""
+        if self.kv_pages:
+            return float_page_layout(self.kv_pages, self.head_size, self.block_size)
         return quant_layout(self.quant, self.head_size, self.block_size)
 
     def max_blocks_per_request(self, max_model_len: int) -> int:
@@ -88,7 +95,9 @@ class KVStreamAttentionSpec(FullAttentionSpec):
         return cls(**values, **dict(zip(_OWN_FIELDS, extra.pop())))
 
 
-_OWN_FIELDS = ("kv_policy", "kv_policy_params", "max_query_tokens", "kv_quant", "kv_quant_params")
+_OWN_FIELDS = ("kv_policy", "kv_policy_params", "max_query_tokens", "kv_quant", "kv_quant_params", "kv_pages")
+#: Model dtypes the plugin's 16-bit pages store as they are.
+PAGE_FLOAT_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
 def quant_layout(quant: KVQuant | None, head_size: int, block_size: int) -> QuantLayout | None:
@@ -107,18 +116,54 @@ def quant_layout(quant: KVQuant | None, head_size: int, block_size: int) -> Quan
         raise KVStreamConfigError(f"--kv-quant {quant.method} with block size {block_size}, head size {head_size}: {exc}") from None
 
 
-def make_spec(spec, policy: KVPolicy, max_query_tokens: int, quant: KVQuant | None = None) -> KVStreamAttentionSpec:
-    """The plugin's spec for a layer. Quantized: the page is the quantized layout (uint8),
+def float_page_layout(float_dtype: str, head_size: int, block_size: int) -> QuantLayout:
+    """16-bit pages: keys (before RoPE) and values as floats of the model's dtype."""
+    return QuantLayout(16, head_size, block_size, sink_tokens=0, outlier_channels=0, align=block_size, float_dtype=float_dtype)
+
+
+def plugin_pages(quant: KVQuant | None, pages: str, cpu: bool) -> bool:
+    """Whether a policy's blocks live in the plugin's pages (quantized, or 16-bit) rather than
+    vLLM's own layout: always quantized, always off CPU, on CPU when ``kv_pages='paged16'``."""
+    return quant is not None or pages == "paged16" or not cpu
+
+
+def page_layout(
+    quant: KVQuant | None, pages: str, head_size: int, block_size: int, dtype: torch.dtype, *, cpu: bool
+) -> QuantLayout | None:
+    """The plugin's page layout for a layer, ``None`` where vLLM's own layout serves. Raises
+    :class:`KVStreamConfigError` naming the bad value (a float32 model cannot keep its
+    precision in 16-bit pages; the plugin refuses rather than round silently)."""
+    if quant is not None:
+        return quant_layout(quant, head_size, block_size)
+    if not plugin_pages(quant, pages, cpu):
+        return None
+    name = PAGE_FLOAT_DTYPES.get(dtype)
+    if name is None:
+        where = "the unquantized KV layout off CPU" if pages == "auto" else "kv_pages='paged16'"
+        raise KVStreamConfigError(
+            f"{where} stores 16-bit floats; the model's dtype is {dtype}. Allowed: --dtype "
+            f"{' or '.join(PAGE_FLOAT_DTYPES.values())}, or --kv-quant int8|int4"
+        )
+    return float_page_layout(name, head_size, block_size)
+
+
+def make_spec(
+    spec, policy: KVPolicy, max_query_tokens: int, quant: KVQuant | None = None, pages: str = "auto", *, cpu: bool | None = None
+) -> KVStreamAttentionSpec:
+    """The plugin's spec for a layer. In the plugin's pages (quantized or 16-bit): dtype uint8,
     ``state_content_bytes`` = the layout's bytes per token per head, so vLLM's page size, and
     with it the number of blocks a KV budget buys, is the real one, metadata counted."""
     values = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
     extra: dict[str, Any] = {}
-    if quant is not None:
-        layout = quant_layout(quant, spec.head_size, spec.block_size)
+    layout = page_layout(quant, pages, spec.head_size, spec.block_size, spec.dtype, cpu=on_cpu() if cpu is None else cpu)
+    if layout is not None:
         values["dtype"] = torch.uint8
         values["state_content_bytes"] = layout.head_bytes // spec.block_size
         values["page_size_padded"] = None
+    if quant is not None:
         extra = {"kv_quant": quant.method, "kv_quant_params": tuple(sorted(quant.config.model_dump().items()))}
+    elif layout is not None:
+        extra = {"kv_pages": layout.float_dtype}
     return KVStreamAttentionSpec(
         **values,
         kv_policy=policy.name,

@@ -1,11 +1,13 @@
-"""Worker side of ``--kv-quant``: an attention backend over quantized pages, for every
-policy: the position patterns (``full``, ``sliding-window``, ``streaming-sink``) here, and
-``topk-importance`` through :class:`QuantSelectionStore`.
+"""Worker side of the plugin's own pages: an attention backend over quantized pages
+(``--kv-quant``) or 16-bit pages (unquantized blocks off CPU, or ``kv_pages='paged16'``), for
+every policy: the position patterns (``full``, ``sliding-window``, ``streaming-sink``) here,
+and ``topk-importance`` through :class:`QuantSelectionStore`.
 
 It owns its page layout (``kernels/kv_quant.py``: codes, scales, outlier channels and sink
-keys of one block and head together, so evicting a block frees its metadata too), so it
-writes the cache itself: ``forward_includes_kv_cache_update = True`` and ``forward`` runs
-store, then attention, with the positions of the step's tokens from the metadata.
+keys of one block and head together, so evicting a block frees its metadata too; a 16-bit
+page holds the floats alone), so it writes the cache itself:
+``forward_includes_kv_cache_update = True`` and ``forward`` runs store, then attention, with
+the positions of the step's tokens from the metadata.
 
 Per step (the metadata builder, once for all layers): each token's absolute position, and per
 request the blocks holding tokens some query of the step attends to (sinks + window of the
@@ -16,16 +18,19 @@ whose stale id stays in vLLM's append-only worker table, are never dereferenced.
 Per layer:
 
 * **store**: the model hands keys rotated at absolute positions; they are rotated back
-  (float64 angles, exact at any position) and quantized before RoPE, KVQuant-style, into
-  their slots, updating the layer's online statistics (:class:`~vllm_kvstream.kernels.QuantStats`).
-* **attention**: the needed blocks are dequantized (float32, pre-RoPE keys) and the
-  sink + window reference runs on them with ``rope_applied=False``: keys rotated at their
-  cache-relative positions, the query likewise, exactly the semantics of the unquantized
-  path (``kernels/sink_attention.py``). The same code serves decode and prefill chunks.
+  (float64 angles, exact at any position) and stored before RoPE, KVQuant-style, into their
+  slots (quantized: updating the layer's online statistics,
+  :class:`~vllm_kvstream.kernels.QuantStats`).
+* **attention**: keys rotated at their cache-relative positions, the query likewise, exactly
+  the semantics of the unquantized path (``kernels/sink_attention.py``), through the
+  dispatcher ``kernels.quant_sink_window_attention``: on CUDA the Triton kernels
+  (``kernels/kv_quant_triton.py``: every one-token request of the step in one decode launch,
+  prefill chunks through the prefill kernel), elsewhere the float32 torch reference over the
+  dequantized needed blocks. The same code serves decode and prefill chunks.
 
-This is the CPU torch path (what runs here). The Triton store and decode kernels
-(``kernels/kv_quant_triton.py``) implement the same contract for CUDA; they are tested
-against the reference under ``TRITON_INTERPRET=1`` but not wired into this backend yet.
+Tested: the torch path end to end on vLLM 0.32 CPU; the Triton kernels against the
+reference under ``TRITON_INTERPRET=1``; the import, registration and spec on vLLM 0.33's
+CUDA wheel without a GPU (README, "What was tested where").
 """
 
 from __future__ import annotations
@@ -36,11 +41,11 @@ from typing import ClassVar
 import torch
 
 from vllm_kvstream.adapter.attention import KVStreamBackend, PolicyImplBase
-from vllm_kvstream.adapter.compat import probe
+from vllm_kvstream.adapter.compat import on_cpu, probe
 from vllm_kvstream.adapter.metrics import QuantWriteMeter
-from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, quant_layout
+from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, page_layout
 from vllm_kvstream.adapter.selection import SelectionStore, select_requests
-from vllm_kvstream.adapter.state import active_quant
+from vllm_kvstream.adapter.state import active_pages, active_quant
 from vllm_kvstream.kernels import (
     QuantLayout,
     QuantStats,
@@ -58,11 +63,17 @@ _backend_mod = probe("vllm.v1.attention.backend")
 AttentionMetadataBuilder = _backend_mod.AttentionMetadataBuilder
 
 QUANT_BACKEND_PATH = "vllm_kvstream.adapter.quant_attention.KVStreamQuantBackend"
+#: Head sizes the Triton kernels take (``tl.arange`` over half a head needs a power of two).
+TRITON_HEAD_SIZES = [32, 64, 128, 256]
 
 
 class KVStreamQuantBackend(KVStreamBackend):
     forward_includes_kv_cache_update: bool = True
     supported_kv_cache_dtypes: ClassVar[list[str]] = ["auto"]
+
+    @classmethod
+    def get_supported_head_sizes(cls) -> list[int]:
+        return KVStreamBackend.get_supported_head_sizes() if on_cpu() else TRITON_HEAD_SIZES
 
     @staticmethod
     def get_impl_cls():
@@ -133,8 +144,8 @@ def plan_quant_step(
 class KVStreamQuantBuilder(AttentionMetadataBuilder[QuantStepMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        if not isinstance(kv_cache_spec, KVStreamAttentionSpec) or kv_cache_spec.quant is None:
-            raise RuntimeError("vllm-kvstream: the quantized backend was given an unquantized KV spec")
+        if not isinstance(kv_cache_spec, KVStreamAttentionSpec) or kv_cache_spec.quant_layout is None:
+            raise RuntimeError("vllm-kvstream: the paged backend was given a KV spec in vLLM's own layout")
         self.block_size = kv_cache_spec.block_size
         policy = kv_cache_spec.policy
         self.pattern = policy.pattern
@@ -240,12 +251,15 @@ class KVStreamQuantImpl(PolicyImplBase):
     feature = "--kv-quant"
 
     def _setup(self, kv_cache_dtype: str) -> None:
-        quant = active_quant()
-        if quant is None:
-            raise RuntimeError("vllm-kvstream: quantized attention backend built without --kv-quant in the config")
         self.pattern = self.policy.pattern
-        self.quant = quant
-        self.layout: QuantLayout = quant_layout(quant, self.head_size, self.engine_config.cache_config.block_size)
+        self.quant = active_quant()  # None: 16-bit pages
+        layout = page_layout(
+            self.quant, active_pages(), self.head_size, self.engine_config.cache_config.block_size,
+            self.engine_config.model_config.dtype, cpu=on_cpu(),
+        )
+        if layout is None:
+            raise RuntimeError("vllm-kvstream: the paged backend was built for blocks in vLLM's own layout")
+        self.layout: QuantLayout = layout
         self.stats: QuantStats | None = None
         self.meter: QuantWriteMeter | None = None
 
@@ -264,10 +278,11 @@ class KVStreamQuantImpl(PolicyImplBase):
         n = md.num_actual_tokens
         pages = self.pages(kv_cache)
         if self.stats is None:
-            self.stats = QuantStats.empty(self.num_kv_heads, self.head_size, self.quant.config.ema_decay, device=pages.device)
+            decay = self.quant.config.ema_decay if self.quant is not None else 0.99  # unused by 16-bit pages
+            self.stats = QuantStats.empty(self.num_kv_heads, self.head_size, decay, device=pages.device)
         rope = self.rope
         positions = md.positions
-        post = self.quant.config.key_rope == "post"  # ablation: keys quantized as the model rotated them
+        post = self.quant is not None and self.quant.config.key_rope == "post"  # ablation: keys as the model rotated them
         if key is not None and value is not None:
             k = key[:n].view(n, self.num_kv_heads, self.head_size).float()
             if not post:
@@ -279,9 +294,10 @@ class KVStreamQuantImpl(PolicyImplBase):
             else:
                 slots, pos = md.slots, positions
             quant_write(k, v, pages, slots, pos, self.stats, self.layout, is_neox_style=rope.is_neox_style)
-            if self.meter is None:
-                self.meter = QuantWriteMeter(layer.layer_name)
-            self.meter.record(len(slots), self.stats)
+            if self.quant is not None:  # the quantization's /metrics (16-bit pages have none)
+                if self.meter is None:
+                    self.meter = QuantWriteMeter(layer.layer_name)
+                self.meter.record(len(slots), self.stats)
         query = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         if md.selection is not None:  # the query as the model rotated it (the selection path's contract)

@@ -93,6 +93,7 @@ def register_rope_override() -> None:
                 self._kvstream_stock_forward = self._forward_method
                 self._forward_method = self._kvstream_forward
                 self._kvstream_step: tuple | None = None
+                self._kvstream_check: tuple | None = None
                 with _lock:
                     _recorded_ropes.append(self.kvstream_rope)
 
@@ -102,7 +103,18 @@ def register_rope_override() -> None:
             return super().forward_native(positions, query, key)
 
         def _kvstream_past_table(self, positions: torch.Tensor) -> bool:
-            return positions.numel() > 0 and int(positions.max()) >= self.kvstream_rope.cos_sin_cache.shape[0]
+            """Whether a position of the batch is past the table. Looked up once per step: the
+            layers of a model share this op, and on a GPU each lookup is a device sync."""
+            if positions.numel() == 0:
+                return False
+            ctx = _forward_context()
+            key = (positions.data_ptr(), positions.numel())
+            seen = self._kvstream_check
+            if ctx is not None and seen is not None and seen[0] is ctx and seen[1] == key:
+                return seen[2]
+            far = int(positions.max()) >= self.kvstream_rope.cos_sin_cache.shape[0]
+            self._kvstream_check = (ctx, key, far) if ctx is not None else None
+            return far
 
         def _kvstream_forward(self, positions: torch.Tensor, query: torch.Tensor, key=None, *args, **kwargs):
             if self._kvstream_past_table(positions):

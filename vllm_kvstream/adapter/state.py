@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_kvstream.policies import KVPolicy
-from vllm_kvstream.quant import KVQuant, quant_from_additional_config
+from vllm_kvstream.quant import KVQuant, pages_from_additional_config, quant_from_additional_config
 from vllm_kvstream.settings import policy_from_additional_config
 
-_cache: dict[str, Any] = {"key": None, "policy": None, "quant": None}
+_cache: dict[str, Any] = {"key": None, "policy": None, "quant": None, "pages": "auto"}
 
 
 def policy_for(additional_config: dict[str, Any] | None) -> KVPolicy | None:
@@ -29,7 +29,14 @@ def _parse(additional_config: dict[str, Any] | None) -> None:
     if _cache["key"] != key:
         _cache["policy"] = policy_from_additional_config(additional_config)
         _cache["quant"] = quant_from_additional_config(additional_config)
+        _cache["pages"] = pages_from_additional_config(additional_config)
         _cache["key"] = key
+
+
+def pages_for(additional_config: dict[str, Any] | None) -> str:
+    """``kv_pages`` setting described by ``additional_config`` (cached like the policy)."""
+    _parse(additional_config)
+    return _cache["pages"]
 
 
 #: The engine config this worker process built its model under. vLLM calls some hooks
@@ -66,3 +73,11 @@ def active_quant() -> KVQuant | None:
     if config is None:
         return None
     return quant_for(config.additional_config)
+
+
+def active_pages() -> str:
+    """``kv_pages`` setting of the current vLLM config (``"auto"`` without one)."""
+    config = current_config()
+    if config is None:
+        return "auto"
+    return pages_for(config.additional_config)
