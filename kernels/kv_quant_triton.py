@@ -17,13 +17,21 @@ exact at any stream position; inside the kernel only cache positions (< the RoPE
 
 Triton is imported when a kernel is first built, not at import: on CPU these run only under
 ``TRITON_INTERPRET=1`` (tests), and the plugin's CPU path is the torch one.
+
+Which path a dispatcher takes (:func:`use_triton`): the Triton kernels for CUDA tensors, the
+torch reference otherwise; ``VLLM_KVSTREAM_KERNELS=triton`` forces the kernels on CPU tensors
+too (with ``TRITON_INTERPRET=1``), so a real vLLM engine on CPU runs every kernel call the
+CUDA path makes, with the engine's own block tables, slots and batches (``tests/e2e``).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
+
+from vllm_kvstream.errors import KVStreamConfigError
 
 from vllm_kvstream.kernels.kv_quant import NF4, NF4_EDGES, QuantLayout, QuantStats, quant_write_ref
 from vllm_kvstream.kernels.rope import Rope
@@ -31,6 +39,26 @@ from vllm_kvstream.kernels.rope import Rope
 
 def _next_pow2(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
+
+
+KERNELS_ENV = "VLLM_KVSTREAM_KERNELS"
+#: ``auto``: Triton for CUDA tensors, torch otherwise; ``triton`` / ``torch``: always that path.
+KERNEL_CHOICES = ("auto", "triton", "torch")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether a dispatcher runs the Triton kernels on ``t`` (module docstring)."""
+    choice = os.environ.get(KERNELS_ENV, "auto")
+    if choice not in KERNEL_CHOICES:
+        raise KVStreamConfigError(f"{KERNELS_ENV}={choice!r}; allowed: {', '.join(KERNEL_CHOICES)}")
+    if choice == "auto":
+        return t.is_cuda
+    if choice == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise KVStreamConfigError(
+            f"{KERNELS_ENV}=triton on {t.device} tensors needs TRITON_INTERPRET=1 (set before Triton is imported); "
+            "allowed otherwise: auto, torch"
+        )
+    return choice == "triton"
 
 
 @functools.cache
@@ -261,7 +289,7 @@ def quant_sink_window_attention(
     scale: float,
     rope: Rope | None,
     out: torch.Tensor,
-    use_triton: bool | None = None,
+    triton: bool | None = None,
 ) -> torch.Tensor:
     """Dispatcher of a step's sink + window attention over quantized pages (the quantized
     backend's attention): ``query_pre`` ``[T, heads, D]`` before RoPE; ``needed`` ``[m]`` the
@@ -269,14 +297,14 @@ def quant_sink_window_attention(
     indices into ``needed`` (meaningful where the sink + window pattern reads);
     ``requests``: ``RequestSlice`` s (``block_row`` indexes ``table``). Writes ``out``.
 
-    On CUDA (``use_triton=None``) the Triton kernels: every one-token request in one decode
+    On CUDA (``triton=None``: :func:`use_triton`) the Triton kernels: every one-token request in one decode
     launch, each longer chunk through the prefill kernel. Elsewhere the torch reference:
     dequantize ``needed`` once, then
     :func:`~vllm_kvstream.kernels.sink_attention.sink_window_attention_ref`'s contract with
     keys before RoPE."""
-    if use_triton is None:
-        use_triton = cache.is_cuda
-    if not use_triton:
+    if triton is None:
+        triton = use_triton(cache)
+    if not triton:
         from vllm_kvstream.kernels.kv_quant import quant_read_ref
         from vllm_kvstream.kernels.sink_prefill import sink_window_attention
 
@@ -316,10 +344,11 @@ def quant_sink_window_attention(
 
 
 def quant_write(key_pre: torch.Tensor, *args, is_neox_style: bool = True) -> None:
-    """Dispatcher of the store, :func:`quant_store`'s arguments: the Triton kernel on CUDA, the
+    """Dispatcher of the store, :func:`quant_store`'s arguments: the Triton kernel on CUDA
+    (:func:`use_triton`), the
     float32 reference :func:`~vllm_kvstream.kernels.kv_quant.quant_write_ref` elsewhere (the
     CPU path; keys already pre-RoPE, so no rope)."""
-    if key_pre.is_cuda:
+    if use_triton(key_pre):
         quant_store(key_pre, *args, is_neox_style=is_neox_style)
     else:
         quant_write_ref(key_pre, *args, rope=None, is_neox_style=is_neox_style)

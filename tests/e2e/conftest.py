@@ -9,9 +9,10 @@ import pytest
 RUNNER = Path(__file__).with_name("engine_runner.py")
 
 
-def run_engine(engine: dict, jobs: list[dict], timeout: int = 900) -> dict:
-    """Start one engine in a subprocess, run ``jobs`` (see engine_runner.py), return its JSON."""
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1"}
+def run_engine(engine: dict, jobs: list[dict], timeout: int = 900, env: dict | None = None) -> dict:
+    """Start one engine in a subprocess, run ``jobs`` (see engine_runner.py), return its JSON.
+    ``env``: extra environment variables of the engine process."""
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     proc = subprocess.run(
         [sys.executable, str(RUNNER), json.dumps({"engine": engine, "jobs": jobs})],
         capture_output=True, text=True, timeout=timeout, env=env,

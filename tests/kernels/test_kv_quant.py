@@ -422,10 +422,10 @@ def test_step_dispatcher_triton_equals_torch_path(bits, layout, sinks, window, l
     positions, requests, needed, idx = plan_quant_step(qsl, lens, table, pattern, bs)
     q_pre = torch.randn(11, H * G, D, generator=torch.Generator().manual_seed(3))
     outs = []
-    for use_triton in (False, True):
+    for triton in (False, True):
         out = torch.zeros(11, H * G, D)
         quant_sink_window_attention(q_pre, cache, needed, idx, requests, L, sink_tokens=sinks, window_tokens=window,
-                                    scale=1 / math.sqrt(D), rope=rope, out=out, use_triton=use_triton)
+                                    scale=1 / math.sqrt(D), rope=rope, out=out, triton=triton)
         outs.append(out)
     assert outs[0].abs().sum() > 0
     torch.testing.assert_close(outs[1], outs[0], atol=3e-5, rtol=3e-5)
@@ -440,3 +440,22 @@ def test_decode_entries_split_a_block_holding_sinks_and_the_window_start():
     # Nothing evicted yet: one run, positions unchanged.
     assert decode_entries(6, 3, 4, 8) == ([(0, 0, 3, 0), (0, 3, 6, 3)], 5)
     assert decode_entries(20, 0, None, 8) == ([(0, 0, 8, 0), (1, 0, 8, 8), (2, 0, 4, 16)], 19)
+
+
+def test_kernel_choice_is_validated_and_needs_the_interpreter_off_cuda(monkeypatch):
+    from vllm_kvstream.errors import KVStreamConfigError
+    from vllm_kvstream.kernels.kv_quant_triton import use_triton
+
+    t = torch.zeros(1)
+    monkeypatch.delenv("VLLM_KVSTREAM_KERNELS", raising=False)
+    assert use_triton(t) is False  # auto: Triton for CUDA tensors only
+    monkeypatch.setenv("VLLM_KVSTREAM_KERNELS", "torch")
+    assert use_triton(t) is False
+    monkeypatch.setenv("VLLM_KVSTREAM_KERNELS", "triton")
+    assert use_triton(t) is True  # TRITON_INTERPRET=1 here (conftest)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(KVStreamConfigError, match="VLLM_KVSTREAM_KERNELS=triton on cpu tensors needs TRITON_INTERPRET=1"):
+        use_triton(t)
+    monkeypatch.setenv("VLLM_KVSTREAM_KERNELS", "cuda")
+    with pytest.raises(KVStreamConfigError, match=r"VLLM_KVSTREAM_KERNELS='cuda'; allowed: auto, triton, torch"):
+        use_triton(t)
