@@ -78,7 +78,7 @@ def test_platform_wrapper_routes_policies_by_where_their_blocks_live(monkeypatch
     monkeypatch.setattr(attention, "active_quant", lambda: parse_quant(quant))
     monkeypatch.setattr(attention, "active_pages", lambda: pages)
     monkeypatch.setattr(attention, "on_cpu", lambda: cpu)
-    selector = SimpleNamespace(use_sparse=False, use_mla=False, attn_type=attention.AttentionType.DECODER)
+    selector = SimpleNamespace(use_sparse=False, use_mla=False, attn_type=attention.AttentionType.DECODER, kv_cache_dtype="auto")
     assert type(current_platform).get_attn_backend_cls(None, selector) == expect
     # Without a policy the platform's own answer passes through.
     monkeypatch.setattr(attention, "active_policy", lambda: None)
