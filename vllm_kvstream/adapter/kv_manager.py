@@ -212,9 +212,12 @@ class KVStreamManager(FullAttentionManager):
         return new
 
     def pop_blocks_for_free(self, request_id: str):
+        # The row's length, read before the pop: vLLM 0.33 returns the blocks without their
+        # leading nulls (a sliding window's evicted prefix), 0.32 the whole row.
+        row = len(self.req_to_blocks.get(request_id, ()))
         blocks = super().pop_blocks_for_free(request_id)
         if self.tracker.on:
-            self.tracker.freed(request_id, len(blocks))
+            self.tracker.freed(request_id, row)
         return blocks
 
     def remove_skipped_blocks(self, request_id: str, processed_computed_tokens: int, num_prompt_tokens: int | None = None) -> None:
