@@ -47,3 +47,23 @@ def test_kv_quant_flags_fold_validate_and_normalize(tiny_model):
     topk = {"kv_policy": "topk-importance", "kv_quant": "int8", "kv_quant_config": {"key_rope": "post"}}
     with pytest.raises(KVStreamConfigError, match="key_rope='post' is not supported with --kv-policy 'topk-importance'; allowed: 'pre'"):
         prepare_engine_args(EngineArgs(model=tiny_model, additional_config=topk))
+
+
+def test_off_cpu_a_policy_runs_eagerly_and_topk_is_refused(tiny_model, monkeypatch):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvstream.adapter import engine_args as ea
+
+    monkeypatch.setattr(ea, "on_cpu", lambda: False)  # what the CUDA platform answers
+    args = EngineArgs(model=tiny_model, additional_config={"kv_policy": "streaming-sink"})
+    assert not args.enforce_eager
+    ea.prepare_engine_args(args)
+    assert args.enforce_eager is True
+    with pytest.raises(KVStreamConfigError, match=r"--kv-policy 'topk-importance' runs on CPU only in this release; "
+                       r"allowed off CPU: full, sliding-window, streaming-sink"):
+        ea.prepare_engine_args(EngineArgs(model=tiny_model, additional_config={"kv_policy": "topk-importance"}))
+    # On CPU nothing is forced.
+    monkeypatch.setattr(ea, "on_cpu", lambda: True)
+    args = EngineArgs(model=tiny_model, additional_config={"kv_policy": "streaming-sink"})
+    ea.prepare_engine_args(args)
+    assert not args.enforce_eager
