@@ -240,10 +240,10 @@ class QuantStats:
     block stores the scale it used, so reads never depend on it."""
 
     ema_absmax: torch.Tensor
-    decay: float = 0.99
     #: EMAs of the per-channel min and max (what a block with a zero point starts from).
-    ema_min: torch.Tensor | None = None
-    ema_max: torch.Tensor | None = None
+    ema_min: torch.Tensor
+    ema_max: torch.Tensor
+    decay: float = 0.99
     #: Fraction of (head, channel) pairs whose EMA exceeds ``outlier_ratio`` x the head's median.
     outlier_ratio: float = 6.0
 
@@ -252,15 +252,13 @@ class QuantStats:
         def zeros():
             return torch.zeros(num_kv_heads, head_size, dtype=torch.float32, device=device)
 
-        return cls(zeros(), decay, zeros(), zeros())
+        return cls(zeros(), zeros(), zeros(), decay)
 
     def update(self, keys: torch.Tensor) -> None:
         """Fold one write's (non-sink, pre-RoPE) keys ``[n, kv_heads, D]`` into the EMAs."""
         first = not bool(self.ema_absmax.any())
         for ema, x in ((self.ema_absmax, keys.abs().amax(dim=0)), (self.ema_min, keys.amin(dim=0)),
                        (self.ema_max, keys.amax(dim=0))):
-            if ema is None:
-                continue
             if first:
                 ema.copy_(x)
             else:

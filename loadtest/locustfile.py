@@ -42,6 +42,7 @@ import requests
 from gevent.pool import Pool
 from locust import HttpUser, events, task
 from locust.exception import StopUser
+from locust.stats import CSV_STATS_INTERVAL_SEC
 
 from vllm_kvstream.loadgen import (
     SCENARIOS,
@@ -133,6 +134,11 @@ def _quit_when_drained(environment, deadline: float) -> None:
         gevent.sleep(0.05)
     if RUN.in_flight() > 0:
         logger.warning("kvstream load test: %d requests still in flight after the drain; cut off", RUN.in_flight())
+    if getattr(environment.parsed_options, "csv_prefix", None):
+        # Locust rewrites its --csv files every CSV_STATS_INTERVAL_SEC and writes nothing more
+        # at quit: without one more snapshot the requests that ended in the last interval (all
+        # of a short run's, when they drain together) would be missing from the CSV.
+        gevent.sleep(CSV_STATS_INTERVAL_SEC + 0.5)
     environment.runner.quit()
 
 

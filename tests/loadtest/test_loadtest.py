@@ -60,6 +60,12 @@ def _locust(url, tmp_path, *extra, timeout=240):
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
+def _csv_count(tmp_path, kind: str) -> int:
+    """Requests of one entry type in locust's CSV (``--csv``)."""
+    rows = csv.DictReader(open(tmp_path / "run_stats.csv"))
+    return sum(int(r["Request Count"]) for r in rows if r["Type"] == kind)
+
+
 def test_locust_headless_records_streaming_latencies(server, tmp_path):
     proc = _locust(server, tmp_path, "-u", "2", "-r", "2", "--scenario", "mixed", "--long-prompt-tokens", "200",
                    "--long-output-tokens", "24", "--chat-turn-tokens", "32", "--chat-output-tokens", "12",
@@ -70,7 +76,7 @@ def test_locust_headless_records_streaming_latencies(server, tmp_path):
     for row in rows:
         by_type.setdefault(row["Type"], []).append(row)
     for kind in ("TTFT", "ITL", "TPOT", "E2E"):
-        assert kind in by_type, f"no {kind} entries in {sorted(by_type)}"
+        assert kind in by_type, f"no {kind} entries in {sorted(by_type)}; locust said:\n{proc.stderr[-4000:]}"
         for row in by_type[kind]:
             assert int(row["Failure Count"]) == 0
             assert 0 < float(row["Median Response Time"]) < 60_000, row
@@ -81,6 +87,7 @@ def test_locust_headless_records_streaming_latencies(server, tmp_path):
     assert all(int(r["Failure Count"]) == 0 for r in rows)
     records = read_records(tmp_path / "run.jsonl")
     assert records and all(r.ok for r in records)
+    assert _csv_count(tmp_path, "E2E") == len(records)
     for r in records:
         assert r.output_tokens == {"short": 16, "long-stream": 24, "chat": 12}[r.kind]  # pinned by ignore_eos/min_tokens
         assert 0 < r.ttft <= r.e2e and len(r.itl) == r.output_chunks - 1
@@ -97,6 +104,9 @@ def test_max_seconds_stops_sending_and_drains_the_requests_in_flight(server, tmp
     assert 1 <= len(records) <= 2, records
     assert all(r.ok and r.output_tokens == 48 for r in records)
     assert "requests in flight" in proc.stderr
+    # Locust rewrites its CSV once a second and not at quit: the run waits for a last snapshot,
+    # so the streams that ended during the drain are in the CSV too.
+    assert _csv_count(tmp_path, "E2E") == len(records), proc.stderr[-3000:]
 
 
 def test_a_negative_drain_is_refused_naming_the_value(server, tmp_path):
