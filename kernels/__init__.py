@@ -10,6 +10,7 @@ from vllm_kvstream.kernels.kv_quant import (
     QuantLayout,
     QuantStats,
     quant_decode_attention_ref,
+    quant_read_cpu,
     quant_read_ref,
     quant_write_ref,
 )
@@ -41,6 +42,7 @@ __all__ = [
     "quant_decode_attention_ref",
     "quant_prefill_attention",
     "quant_sink_window_attention",
+    "quant_read_cpu",
     "quant_read_ref",
     "quant_store",
     "quant_write",

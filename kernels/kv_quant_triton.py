@@ -298,18 +298,18 @@ def quant_sink_window_attention(
     ``requests``: ``RequestSlice`` s (``block_row`` indexes ``table``). Writes ``out``.
 
     On CUDA (``triton=None``: :func:`use_triton`) the Triton kernels: every one-token request in one decode
-    launch, each longer chunk through the prefill kernel. Elsewhere the torch reference:
-    dequantize ``needed`` once, then
+    launch, each longer chunk through the prefill kernel. Elsewhere the torch path:
+    dequantize ``needed`` once (:func:`~vllm_kvstream.kernels.kv_quant.quant_read_cpu`), then
     :func:`~vllm_kvstream.kernels.sink_attention.sink_window_attention_ref`'s contract with
     keys before RoPE."""
     if triton is None:
         triton = use_triton(cache)
     if not triton:
-        from vllm_kvstream.kernels.kv_quant import quant_read_ref
+        from vllm_kvstream.kernels.kv_quant import quant_read_cpu
         from vllm_kvstream.kernels.sink_prefill import sink_window_attention
 
         neox = rope.is_neox_style if rope is not None else True
-        k_all, v_all = quant_read_ref(cache, needed, layout, is_neox_style=neox)
+        k_all, v_all = quant_read_cpu(cache, needed, layout, is_neox_style=neox)
         return sink_window_attention(
             query_pre, k_all, v_all, table, requests, sink_tokens=sink_tokens, window_tokens=window_tokens,
             scale=scale, rope=rope, rope_applied=False, out=out,

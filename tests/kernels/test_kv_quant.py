@@ -459,3 +459,20 @@ def test_kernel_choice_is_validated_and_needs_the_interpreter_off_cuda(monkeypat
     monkeypatch.setenv("VLLM_KVSTREAM_KERNELS", "cuda")
     with pytest.raises(KVStreamConfigError, match=r"VLLM_KVSTREAM_KERNELS='cuda'; allowed: auto, triton, torch"):
         use_triton(t)
+
+
+@pytest.mark.parametrize(("bits", "layout"), [*LAYOUTS, (8, {"key_scale": "token"}), (4, {"outlier_channels": 0}),
+                                              (4, {"sink_tokens": 0, "key_zero_point": True})])
+@pytest.mark.parametrize(("D", "H", "bs", "neox"), [(32, 2, 8, True), (16, 3, 5, False)])
+def test_fast_cpu_read_equals_the_reference(bits, layout, D, H, bs, neox):
+    from vllm_kvstream.kernels.kv_quant import quant_read_cpu
+
+    if layout.get("key_scale") == "token":
+        layout = {**layout, "outlier_channels": 0}
+    L, cache, _, _, row, _ = _stream(bits, D=D, H=H, bs=bs, neox=neox, **layout)
+    blocks = row[torch.randperm(len(row), generator=torch.Generator().manual_seed(D))]  # written, shuffled
+    k_ref, v_ref = quant_read_ref(cache, blocks, L, is_neox_style=neox)
+    k, v = quant_read_cpu(cache, blocks, L, is_neox_style=neox)
+    # The last block is partly written: its other slots decode garbage bytes, on both alike.
+    torch.testing.assert_close(k, k_ref, atol=1e-6, rtol=1e-6, equal_nan=True)
+    torch.testing.assert_close(v, v_ref, atol=0, rtol=0, equal_nan=True)

@@ -50,7 +50,7 @@ from vllm_kvstream.kernels import (
     QuantLayout,
     QuantStats,
     RequestSlice,
-    quant_read_ref,
+    quant_read_cpu,
     quant_sink_window_attention,
     quant_write,
     selected_attention_ref,
@@ -224,7 +224,7 @@ class QuantSelectionStore(SelectionStore):
                 phys.append(p)
                 logical.append(holder.get(p, j))
         neox = rope.is_neox_style if rope is not None else True
-        k, v = quant_read_ref(kv_cache, torch.tensor(phys, dtype=torch.long), self.layout, is_neox_style=neox)
+        k, v = quant_read_cpu(kv_cache, torch.tensor(phys, dtype=torch.long), self.layout, is_neox_style=neox)
         if rope is not None:  # cached keys are pre-RoPE; the selection path wants them at their positions
             m, h, _, d = k.shape
             pos = (torch.tensor(logical)[:, None] * bs + torch.arange(bs)[None, :]).reshape(-1)
@@ -306,7 +306,7 @@ class KVStreamQuantImpl(PolicyImplBase):
         if not md.requests:
             return output
         if post:  # ablation: keys cached after RoPE (torch reference only)
-            k_all, v_all = quant_read_ref(pages, md.needed, self.layout, is_neox_style=rope.is_neox_style)
+            k_all, v_all = quant_read_cpu(pages, md.needed, self.layout, is_neox_style=rope.is_neox_style)
             sink_window_attention(
                 query, k_all, v_all, md.table, md.requests,
                 sink_tokens=self.pattern.sink_tokens, window_tokens=self.pattern.window_tokens,
