@@ -522,6 +522,21 @@ def _write_channel_keys(view, b, off, first, kb, sink_b, stats, L: QuantLayout, 
     _store_keys(view, b, off, kb, sink_b, lo, hi, L, neox)
 
 
+def _overlay_sections(view, blocks, k, lo, hi, L: QuantLayout) -> None:
+    """Outlier channels and sink slots of ``blocks`` over their main-code keys ``k``
+    ``[m, H, bs, D]`` (in place), each from its own 8-bit section; ``lo``, ``hi`` ``[m, H, D]``
+    the channel ranges (the outliers' scale is the channel's absmax)."""
+    if L.n_out:
+        idx = view.out_idx[blocks].long()  # [m, H, n_out]
+        out_abs = torch.gather(torch.maximum(hi, -lo), 2, idx)
+        vals = _decode(view.out_k[blocks], out_abs[:, :, None, :], 127)  # [m, H, bs, n_out]
+        k.scatter_(3, idx[:, :, None, :].expand(-1, -1, L.block_size, -1), vals)
+    if L.sink_tokens:
+        s_abs = view.sink_scale[blocks].float()  # [m, H, S]; 0: not a sink slot
+        sink = _decode(view.sink_k[blocks], s_abs[..., None], 127)  # [m, H, S, D]
+        k[:, :, : L.sink_tokens] = torch.where(s_abs[..., None] > 0, sink, k[:, :, : L.sink_tokens])
+
+
 def quant_read_ref(
     cache: torch.Tensor, blocks: torch.Tensor, layout: QuantLayout, *, is_neox_style: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -540,15 +555,8 @@ def quant_read_ref(
         k = _decode_keys(codes, lo[:, :, None, :], hi[:, :, None, :], L)
     else:
         k = _decode(codes, view.k_scale[blocks].float()[..., None], L.qmax)  # per token
-    if L.n_out:
-        idx = view.out_idx[blocks].long()  # [m, H, n_out]
-        out_abs = torch.gather(torch.maximum(hi, -lo), 2, idx)
-        vals = _decode(view.out_k[blocks], out_abs[:, :, None, :], 127)  # [m, H, bs, n_out]
-        k.scatter_(3, idx[:, :, None, :].expand(-1, -1, L.block_size, -1), vals)
-    if L.sink_tokens:
-        s_abs = view.sink_scale[blocks].float()  # [m, H, S]; 0: not a sink slot
-        sink = _decode(view.sink_k[blocks], s_abs[..., None], 127)  # [m, H, S, D]
-        k[:, :, : L.sink_tokens] = torch.where(s_abs[..., None] > 0, sink, k[:, :, : L.sink_tokens])
+        lo = hi = None  # no outlier channels with per-token scales (QuantLayout.n_out)
+    _overlay_sections(view, blocks, k, lo, hi, L)
     v = _decode_values(unpack_codes(view.v_codes[blocks], L, is_neox_style), view.v_scale[blocks].float()[..., None], L)
     return k, v
 
@@ -557,9 +565,9 @@ def _unpack_fast(stored: torch.Tensor, layout: QuantLayout, is_neox_style: bool)
     """:func:`unpack_codes` without index scatters: NeoX pairs are the two halves in order, GPT-J
     pairs interleave."""
     if layout.bits == 8:
-        lo, hi = stored.chunk(2, dim=-1)
         if is_neox_style:
             return stored
+        lo, hi = stored.chunk(2, dim=-1)
     else:
         lo, hi = stored & 0xF, stored >> 4
     return torch.cat((lo, hi), dim=-1) if is_neox_style else torch.stack((lo, hi), dim=-1).flatten(-2)
@@ -582,15 +590,7 @@ def quant_read_cpu(
         k = torch.addcmul(lo[:, :, None, :], codes, ((hi - lo) / (2**L.bits - 1))[:, :, None, :])
     else:
         k = codes.sub_(L.qmax + 1).mul_((hi / L.qmax)[:, :, None, :])
-    if L.n_out:
-        idx = view.out_idx[blocks].long()  # [m, H, n_out]
-        out_abs = torch.gather(torch.maximum(hi, -lo), 2, idx)
-        vals = _decode(view.out_k[blocks], out_abs[:, :, None, :], 127)
-        k.scatter_(3, idx[:, :, None, :].expand(-1, -1, L.block_size, -1), vals)
-    if L.sink_tokens:
-        s_abs = view.sink_scale[blocks].float()
-        sink = _decode(view.sink_k[blocks], s_abs[..., None], 127)
-        k[:, :, : L.sink_tokens] = torch.where(s_abs[..., None] > 0, sink, k[:, :, : L.sink_tokens])
+    _overlay_sections(view, blocks, k, lo, hi, L)
     v_codes = _unpack_fast(view.v_codes[blocks], L, is_neox_style)
     v_abs = view.v_scale[blocks].float()[..., None]
     if L.value_levels == "nf4":

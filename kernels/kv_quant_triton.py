@@ -33,8 +33,9 @@ import torch
 
 from vllm_kvstream.errors import KVStreamConfigError
 
-from vllm_kvstream.kernels.kv_quant import NF4, NF4_EDGES, QuantLayout, QuantStats, quant_write_ref
+from vllm_kvstream.kernels.kv_quant import NF4, NF4_EDGES, QuantLayout, QuantStats, quant_read_cpu, quant_write_ref
 from vllm_kvstream.kernels.rope import Rope
+from vllm_kvstream.kernels.sink_prefill import sink_window_attention
 
 
 def _next_pow2(x: int) -> int:
@@ -305,9 +306,6 @@ def quant_sink_window_attention(
     if triton is None:
         triton = use_triton(cache)
     if not triton:
-        from vllm_kvstream.kernels.kv_quant import quant_read_cpu
-        from vllm_kvstream.kernels.sink_prefill import sink_window_attention
-
         neox = rope.is_neox_style if rope is not None else True
         k_all, v_all = quant_read_cpu(cache, needed, layout, is_neox_style=neox)
         return sink_window_attention(

@@ -144,14 +144,15 @@ def prepare_engine_args(engine_args) -> None:
                 "(it rewrites KV blocks in place); allowed: --no-enable-prefix-caching"
             )
         engine_args.enable_prefix_caching = False
-    if policy.selects_blocks and not on_cpu():
+    cpu = on_cpu()
+    if policy.selects_blocks and not cpu:
         # Its selection store (adapter/selection.py, kernels/topk_attention.py) builds index
         # tensors on the host and has only run on CPU; refused rather than run untested.
         raise KVStreamConfigError(
             f"--kv-policy {policy.name!r} runs on CPU only in this release; allowed off CPU: "
             f"{', '.join(n for n in available_policies() if n != policy.name)}"
         )
-    if not on_cpu() and not engine_args.enforce_eager:  # see the module docstring
+    if not cpu and not engine_args.enforce_eager:  # see the module docstring
         logger.warning("vllm-kvstream: --kv-policy %s runs eagerly off CPU (enforce_eager=True): its rotary "
                        "op branches on positions per step, which compiled graphs cannot hold", policy.name)
         engine_args.enforce_eager = True
