@@ -78,8 +78,14 @@ def test_platform_wrapper_routes_policies_by_where_their_blocks_live(monkeypatch
     monkeypatch.setattr(attention, "active_quant", lambda: parse_quant(quant))
     monkeypatch.setattr(attention, "active_pages", lambda: pages)
     monkeypatch.setattr(attention, "on_cpu", lambda: cpu)
-    selector = SimpleNamespace(use_sparse=False, use_mla=False, attn_type=attention.AttentionType.DECODER, kv_cache_dtype="auto")
+    selector = SimpleNamespace(
+        use_sparse=False, use_mla=False, attn_type=attention.AttentionType.DECODER, kv_cache_dtype="auto",
+        has_sliding_window=False,
+    )
     assert type(current_platform).get_attn_backend_cls(None, selector) == expect
+    # A model's own sliding-window layers keep the platform's backend (vLLM's semantics).
+    sliding = SimpleNamespace(**{**vars(selector), "has_sliding_window": True})
+    assert type(current_platform).get_attn_backend_cls(None, sliding) not in (attention.BACKEND_PATH, attention.QUANT_BACKEND_PATH)
     # Without a policy the platform's own answer passes through.
     monkeypatch.setattr(attention, "active_policy", lambda: None)
     assert type(current_platform).get_attn_backend_cls(None, selector) not in (attention.BACKEND_PATH, attention.QUANT_BACKEND_PATH)

@@ -51,7 +51,7 @@ import torch
 
 from vllm_kvstream.adapter.compat import on_cpu, probe
 from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_spec, plugin_pages
-from vllm_kvstream.adapter.rope import recorded_rope
+from vllm_kvstream.adapter.rope import rope_of_building_layer
 from vllm_kvstream.adapter.selection import SelectionStore, select_requests
 from vllm_kvstream.adapter.state import (
     active_pages,
@@ -173,7 +173,7 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
 
     @cached_property
     def rope(self) -> Rope:
-        return recorded_rope()  # the model is built before any step; looked up once, not per step
+        return group_rope(self.vllm_config, self.layer_names)  # looked up once, not per step
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> KVStreamMetadata:
         cm = common_attn_metadata
@@ -289,7 +289,7 @@ class PolicyImplBase(AttentionImpl):
         self.engine_config = get_current_vllm_config_or_none()
         remember_engine_config(self.engine_config)
         self.policy: KVPolicy = policy
-        self._rope: Rope | None = None
+        self._rope: Rope = rope_of_building_layer()  # this layer's own rotary op (rope.py)
         self._setup(kv_cache_dtype)
 
     def _setup(self, kv_cache_dtype: str) -> None:
@@ -297,9 +297,22 @@ class PolicyImplBase(AttentionImpl):
 
     @property
     def rope(self) -> Rope:
-        if self._rope is None:
-            self._rope = recorded_rope()
         return self._rope
+
+
+def group_rope(vllm_config, layer_names) -> Rope:
+    """The RoPE the layers of one KV cache group share (a metadata builder plans once for all
+    of them). Raises if they differ: vLLM groups layers by KV spec, and a model whose layers of
+    one spec use different rotary ops needs a plan per layer, which the plugin does not make."""
+    layers = probe("vllm.model_executor.layers.attention_layer_base:AttentionLayerBase")
+    found = probe("vllm.config:get_layers_from_vllm_config")(vllm_config, layers, layer_names)
+    ropes = {id(layer.impl.rope): layer.impl.rope for layer in found.values() if isinstance(layer.impl, PolicyImplBase)}
+    if len(ropes) != 1:
+        raise RuntimeError(
+            f"vllm-kvstream: the layers {sorted(layer_names)} of one KV cache group use {len(ropes)} "
+            "different rotary embeddings; a group needs exactly one"
+        )
+    return next(iter(ropes.values()))
 
 
 class KVStreamImpl(PolicyImplBase):
@@ -368,6 +381,9 @@ def route_backend() -> None:
             active_policy() is not None
             and not attn_selector_config.use_mla
             and attn_selector_config.attn_type == AttentionType.DECODER
+            # A model's own sliding-window layers keep vLLM's semantics and backend: vLLM
+            # already bounds them (SlidingWindowSpec); the policy applies to full attention.
+            and not attn_selector_config.has_sliding_window
         ):
             return QUANT_BACKEND_PATH if plugin_pages(active_quant(), active_pages(), on_cpu()) else BACKEND_PATH
         return path

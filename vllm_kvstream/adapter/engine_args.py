@@ -163,11 +163,41 @@ def prepare_engine_args(engine_args) -> None:
     logger.info("vllm-kvstream: KV policy %s%s", policy.describe(), f", KV blocks {quant.describe()}" if quant else "")
 
 
+def attention_layer_kinds(hf_config) -> tuple[int, int, int | None]:
+    """``(full, sliding, window)``: how many attention layers of a (text) config attend fully and
+    how many through the model's own sliding window, as vLLM builds them (``layer_types``, else
+    ``sliding_window`` on every layer, as Mistral)."""
+    layers = int(getattr(hf_config, "num_hidden_layers", 0) or 0)
+    window = getattr(hf_config, "sliding_window", None)
+    layer_types = getattr(hf_config, "layer_types", None)
+    if layer_types:
+        sliding = sum(t == "sliding_attention" for t in layer_types)
+        return len(layer_types) - sliding, sliding, window if sliding else None
+    if window is not None:
+        return 0, layers, window
+    return layers, 0, None
+
+
 def check_engine_config(vllm_config) -> None:
     policy = policy_from_additional_config(vllm_config.additional_config)
     if policy is None:
         return
     hf = vllm_config.model_config.hf_text_config
+    from vllm_kvstream.adapter.rope import check_rope_config
+
+    check_rope_config(hf)  # before the model is built: a RoPE the policy cannot serve is refused here
+    full, sliding, window = attention_layer_kinds(hf)
+    if sliding and not full:
+        logger.warning(
+            "vllm-kvstream: every attention layer of this model is sliding-window (%d tokens): vLLM already "
+            "bounds its KV cache, so --kv-policy %s leaves KV management and attention to vLLM (stock); the "
+            "plugin only computes RoPE exactly past the trained context", window, policy.name,
+        )
+    elif sliding:
+        logger.info(
+            "vllm-kvstream: %d full-attention layers follow --kv-policy %s; %d sliding-window layers (%d tokens) "
+            "keep vLLM's own sliding window", full, policy.name, sliding, window,
+        )
     trained = getattr(hf, "max_position_embeddings", None)
     block_size = vllm_config.cache_config.block_size
     policy.check_engine_fit(block_size=block_size, trained_context=trained)
