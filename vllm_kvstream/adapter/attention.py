@@ -50,7 +50,7 @@ from typing import ClassVar
 import torch
 
 from vllm_kvstream.adapter.compat import on_cpu, probe
-from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_spec, plugin_pages
+from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_sliding_spec, make_spec, plugin_pages
 from vllm_kvstream.adapter.rope import rope_of_building_layer
 from vllm_kvstream.adapter.selection import SelectionStore, select_requests
 from vllm_kvstream.adapter.state import (
@@ -79,6 +79,7 @@ AttentionMetadataBuilder = _backend_mod.AttentionMetadataBuilder
 AttentionType = _backend_mod.AttentionType
 MultipleOf = _backend_mod.MultipleOf
 FullAttentionSpec = probe("vllm.v1.kv_cache_interface:FullAttentionSpec")
+SlidingWindowSpec = probe("vllm.v1.kv_cache_interface:SlidingWindowSpec")
 _cpu_attn = probe("vllm.v1.attention.backends.cpu_attn")
 StockBackend = _cpu_attn.CPUAttentionBackend
 StockBuilder = _cpu_attn.CPUAttentionMetadataBuilder
@@ -135,9 +136,11 @@ class KVStreamBackend(AttentionBackend):
     @classmethod
     def customize_spec(cls, spec):
         policy = active_policy()
-        if policy is None or type(spec) is not FullAttentionSpec:
+        if policy is None or spec.block_size == 1:  # block size 1: per-token page-size probes by the platform
             return spec
-        if spec.block_size == 1:  # per-token page-size probes by the platform
+        if type(spec) is SlidingWindowSpec:  # a model's own sliding layer routed here: the plugin's pages
+            return make_sliding_spec(spec, active_quant(), active_pages())
+        if type(spec) is not FullAttentionSpec:
             return spec
         return make_spec(spec, policy, _max_query_tokens(), active_quant(), active_pages())
 
@@ -245,6 +248,8 @@ class PolicyImplBase(AttentionImpl):
 
     #: How the error names this implementation.
     feature: ClassVar[str] = "KV policies"
+    #: Whether it serves a model's own sliding-window layers (vLLM's window semantics).
+    serves_sliding_window: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -263,7 +268,7 @@ class PolicyImplBase(AttentionImpl):
     ) -> None:
         unsupported = {
             "alibi_slopes": alibi_slopes is not None,
-            "sliding_window (model-defined)": sliding_window is not None,
+            "sliding_window (model-defined)": sliding_window is not None and not self.serves_sliding_window,
             "logits_soft_cap": bool(logits_soft_cap),
             "kv_sharing_target_layer_name": kv_sharing_target_layer_name is not None,
             "learned attention sinks": sinks is not None,
@@ -277,6 +282,7 @@ class PolicyImplBase(AttentionImpl):
             )
         self.num_heads = num_heads
         self.head_size = head_size
+        self.sliding_window = sliding_window
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.attn_type = attn_type
@@ -381,11 +387,15 @@ def route_backend() -> None:
             active_policy() is not None
             and not attn_selector_config.use_mla
             and attn_selector_config.attn_type == AttentionType.DECODER
-            # A model's own sliding-window layers keep vLLM's semantics and backend: vLLM
-            # already bounds them (SlidingWindowSpec); the policy applies to full attention.
-            and not attn_selector_config.has_sliding_window
         ):
-            return QUANT_BACKEND_PATH if plugin_pages(active_quant(), active_pages(), on_cpu()) else BACKEND_PATH
+            paged = plugin_pages(active_quant(), active_pages(), on_cpu())
+            if attn_selector_config.has_sliding_window:
+                # A model's own sliding-window layers keep vLLM's semantics (SlidingWindowSpec,
+                # vLLM already bounds them): the platform's backend where blocks stay in vLLM's
+                # layout, else the paged backend reading just the window (one page size for
+                # every group, quantized capacity for all).
+                return QUANT_BACKEND_PATH if paged else path
+            return QUANT_BACKEND_PATH if paged else BACKEND_PATH
         return path
 
     get_attn_backend_cls.__kvstream_wrapped__ = True

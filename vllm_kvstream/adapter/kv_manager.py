@@ -44,7 +44,9 @@ from vllm_kvstream.policies import KVPolicy, build_policy
 from vllm_kvstream.quant import KVQuant, parse_quant
 
 FullAttentionSpec = probe("vllm.v1.kv_cache_interface:FullAttentionSpec")
+SlidingWindowSpec = probe("vllm.v1.kv_cache_interface:SlidingWindowSpec")
 FullAttentionManager = probe("vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager")
+SlidingWindowManager = probe("vllm.v1.core.single_type_kv_cache_manager:SlidingWindowManager")
 KVCacheSpecRegistry = probe("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry")
 
 
@@ -95,6 +97,39 @@ class KVStreamAttentionSpec(FullAttentionSpec):
         return cls(**values, **dict(zip(_OWN_FIELDS, extra.pop())))
 
 
+@dataclass(frozen=True, kw_only=True)
+class KVStreamSlidingSpec(SlidingWindowSpec):
+    """A model's own sliding-window layers in the plugin's pages (``--kv-quant``, 16-bit pages):
+    vLLM's sliding-window semantics and manager (``SlidingWindowManager`` frees what falls out
+    of the window), the page of the plugin's layout, so every group of a hybrid model (Gemma-3:
+    5 sliding to 1 full layer) has the same page size and the quantized capacity applies to
+    all of them."""
+
+    kv_quant: str = ""
+    kv_quant_params: tuple[tuple[str, Any], ...] = ()
+    kv_pages: str = ""
+
+    @cached_property
+    def quant(self) -> KVQuant | None:
+        return parse_quant(self.kv_quant or None, dict(self.kv_quant_params))
+
+    @cached_property
+    def quant_layout(self) -> QuantLayout | None:
+        if self.kv_pages:
+            return float_page_layout(self.kv_pages, self.head_size, self.block_size)
+        return quant_layout(self.quant, self.head_size, self.block_size)
+
+    @classmethod
+    def merge(cls, specs: list[KVStreamSlidingSpec]) -> KVStreamSlidingSpec:
+        extra = {tuple(getattr(s, name) for name in _SLIDING_FIELDS) for s in specs}
+        if len(extra) != 1:
+            raise ValueError(f"vllm-kvstream: layers of one KV cache group disagree on their pages: {extra}")
+        base = SlidingWindowSpec.merge(specs)
+        values = {f.name: getattr(base, f.name) for f in fields(SlidingWindowSpec)}
+        return cls(**values, **dict(zip(_SLIDING_FIELDS, extra.pop())))
+
+
+_SLIDING_FIELDS = ("kv_quant", "kv_quant_params", "kv_pages")
 _OWN_FIELDS = ("kv_policy", "kv_policy_params", "max_query_tokens", "kv_quant", "kv_quant_params", "kv_pages")
 #: Model dtypes the plugin's 16-bit pages store as they are.
 PAGE_FLOAT_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -147,13 +182,12 @@ def page_layout(
     return float_page_layout(name, head_size, block_size)
 
 
-def make_spec(
-    spec, policy: KVPolicy, max_query_tokens: int, quant: KVQuant | None = None, pages: str = "auto", *, cpu: bool | None = None
-) -> KVStreamAttentionSpec:
-    """The plugin's spec for a layer. In the plugin's pages (quantized or 16-bit): dtype uint8,
-    ``state_content_bytes`` = the layout's bytes per token per head, so vLLM's page size, and
-    with it the number of blocks a KV budget buys, is the real one, metadata counted."""
-    values = {f.name: getattr(spec, f.name) for f in fields(FullAttentionSpec)}
+def _paged_values(spec, base, quant: KVQuant | None, pages: str, cpu: bool | None) -> tuple[dict, dict]:
+    """A spec's fields (as of ``base``) and the plugin's page fields. In the plugin's pages
+    (quantized or 16-bit): dtype uint8, ``state_content_bytes`` = the layout's bytes per token
+    per head, so vLLM's page size, and with it the number of blocks a KV budget buys, is the
+    real one, metadata counted."""
+    values = {f.name: getattr(spec, f.name) for f in fields(base)}
     extra: dict[str, Any] = {}
     layout = page_layout(quant, pages, spec.head_size, spec.block_size, spec.dtype, cpu=on_cpu() if cpu is None else cpu)
     if layout is not None:
@@ -164,6 +198,21 @@ def make_spec(
         extra = {"kv_quant": quant.method, "kv_quant_params": tuple(sorted(quant.config.model_dump().items()))}
     elif layout is not None:
         extra = {"kv_pages": layout.float_dtype}
+    return values, extra
+
+
+def make_sliding_spec(spec, quant: KVQuant | None, pages: str, *, cpu: bool | None = None):
+    """A model's sliding-window layer in the plugin's pages (:class:`KVStreamSlidingSpec`), or
+    the spec unchanged where its blocks stay in vLLM's own layout."""
+    values, extra = _paged_values(spec, SlidingWindowSpec, quant, pages, cpu)
+    return KVStreamSlidingSpec(**values, **extra) if extra else spec
+
+
+def make_spec(
+    spec, policy: KVPolicy, max_query_tokens: int, quant: KVQuant | None = None, pages: str = "auto", *, cpu: bool | None = None
+) -> KVStreamAttentionSpec:
+    """The plugin's spec for a full-attention layer (see :func:`_paged_values` for its page)."""
+    values, extra = _paged_values(spec, FullAttentionSpec, quant, pages, cpu)
     return KVStreamAttentionSpec(
         **values,
         kv_policy=policy.name,
@@ -250,4 +299,7 @@ def register_kv_manager() -> None:
     KVCacheSpecRegistry._ensure_registered()
     KVCacheSpecRegistry.register(
         KVStreamAttentionSpec, KVStreamManager, uniform_type_base_spec=FullAttentionSpec
+    )
+    KVCacheSpecRegistry.register(
+        KVStreamSlidingSpec, SlidingWindowManager, uniform_type_base_spec=SlidingWindowSpec
     )

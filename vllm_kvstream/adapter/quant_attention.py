@@ -43,7 +43,7 @@ import torch
 from vllm_kvstream.adapter.attention import KVStreamBackend, PolicyImplBase
 from vllm_kvstream.adapter.compat import on_cpu, probe
 from vllm_kvstream.adapter.metrics import QuantWriteMeter
-from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, page_layout
+from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, KVStreamSlidingSpec, page_layout
 from vllm_kvstream.adapter.selection import SelectionStore, select_requests
 from vllm_kvstream.adapter.state import active_pages, active_quant
 from vllm_kvstream.kernels import (
@@ -144,14 +144,17 @@ def plan_quant_step(
 class KVStreamQuantBuilder(AttentionMetadataBuilder[QuantStepMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        if not isinstance(kv_cache_spec, KVStreamAttentionSpec) or kv_cache_spec.quant_layout is None:
+        if not isinstance(kv_cache_spec, (KVStreamAttentionSpec, KVStreamSlidingSpec)) or kv_cache_spec.quant_layout is None:
             raise RuntimeError("vllm-kvstream: the paged backend was given a KV spec in vLLM's own layout")
         self.block_size = kv_cache_spec.block_size
+        self.store = None
+        if isinstance(kv_cache_spec, KVStreamSlidingSpec):  # the model's own window, vLLM's semantics
+            self.pattern = AttentionPattern(sink_tokens=0, window_tokens=kv_cache_spec.sliding_window)
+            return
         policy = kv_cache_spec.policy
         self.pattern = policy.pattern
-        self.store = (
-            QuantSelectionStore(policy, self.block_size, kv_cache_spec.quant_layout) if policy.selects_blocks else None
-        )
+        if policy.selects_blocks:
+            self.store = QuantSelectionStore(policy, self.block_size, kv_cache_spec.quant_layout)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> QuantStepMetadata:
         cm = common_attn_metadata
@@ -249,9 +252,15 @@ class QuantSelectionStore(SelectionStore):
 
 class KVStreamQuantImpl(PolicyImplBase):
     feature = "--kv-quant"
+    serves_sliding_window = True
 
     def _setup(self, kv_cache_dtype: str) -> None:
-        self.pattern = self.policy.pattern
+        # A model's own sliding-window layer: vLLM's window (the last ``sliding_window`` tokens
+        # up to the query), no sinks; every other layer: the policy's pattern.
+        self.pattern = (
+            AttentionPattern(sink_tokens=0, window_tokens=self.sliding_window)
+            if self.sliding_window is not None else self.policy.pattern
+        )
         self.quant = active_quant()  # None: 16-bit pages
         layout = page_layout(
             self.quant, active_pages(), self.head_size, self.engine_config.cache_config.block_size,
