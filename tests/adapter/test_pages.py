@@ -83,9 +83,14 @@ def test_platform_wrapper_routes_policies_by_where_their_blocks_live(monkeypatch
         has_sliding_window=False,
     )
     assert type(current_platform).get_attn_backend_cls(None, selector) == expect
-    # A model's own sliding-window layers keep the platform's backend (vLLM's semantics).
+    # A model's own sliding-window layers: the paged backend where blocks live in the plugin's
+    # pages (one page size per model), else the platform's own backend (vLLM's semantics).
     sliding = SimpleNamespace(**{**vars(selector), "has_sliding_window": True})
-    assert type(current_platform).get_attn_backend_cls(None, sliding) not in (attention.BACKEND_PATH, attention.QUANT_BACKEND_PATH)
+    got = type(current_platform).get_attn_backend_cls(None, sliding)
+    if expect == attention.QUANT_BACKEND_PATH:
+        assert got == expect
+    else:
+        assert got not in (attention.BACKEND_PATH, attention.QUANT_BACKEND_PATH)
     # Without a policy the platform's own answer passes through.
     monkeypatch.setattr(attention, "active_policy", lambda: None)
     assert type(current_platform).get_attn_backend_cls(None, selector) not in (attention.BACKEND_PATH, attention.QUANT_BACKEND_PATH)
