@@ -42,6 +42,13 @@ def _decoding(core, req_id):
     return False
 
 
+def _attention_isas(engine):
+    """The CPU attention kernel ISAs (``vec``, ``vec16``, ``amx``...) vLLM's CPU builder set on
+    the attention layers; empty where no layer runs the stock CPU kernel."""
+    context = engine.vllm_config.compilation_config.static_forward_context
+    return sorted({layer.isa for layer in context.values() if getattr(layer, "isa", None)})
+
+
 def run_generate(llm, job):
     from vllm import SamplingParams
 
@@ -73,6 +80,16 @@ def run_generate(llm, job):
                     "logprobs": (
                         [lp[tok].logprob for lp, tok in zip(comp.logprobs, comp.token_ids)] if comp.logprobs else None
                     ),
+                    # Per generated position, [token, logprob] of the ranks vLLM returned, best
+                    # first (``logprobs=2``: the top 2), for tests/e2e/greedy_compare.py.
+                    "top_logprobs": (
+                        [
+                            [[t, lp.logprob] for t, lp in sorted(pos.items(), key=lambda kv: kv[1].rank)]
+                            for pos in comp.logprobs
+                        ]
+                        if comp.logprobs
+                        else None
+                    ),
                 }
         steps += 1
         peak_used = max(peak_used, free_start - pool.get_num_free_blocks())
@@ -102,6 +119,7 @@ def main() -> None:
         "max_model_len": llm.llm_engine.vllm_config.model_config.max_model_len,
         "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
         "num_blocks": _pool_state(llm.llm_engine)[2].num_gpu_blocks,
+        "attn_isa": _attention_isas(llm.llm_engine),
         "jobs": [run_generate(llm, job) for job in spec["jobs"]],
     }
     sys.stdout.write("\n" + json.dumps(out) + "\n")

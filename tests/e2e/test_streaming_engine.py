@@ -6,6 +6,7 @@ import random
 import pytest
 
 from tests.e2e.conftest import policy_config, run_engine
+from tests.e2e.greedy_compare import assert_greedy_agree
 
 pytestmark = pytest.mark.e2e
 
@@ -33,17 +34,29 @@ def test_inside_window_identical_to_stock(smollm2):
         [1, 504, 3458, 282, 4649, 314],  # arbitrary token ids
         list(range(2000, 2040)),
     ]
-    job = {"prompts": prompts, "sampling": {"max_tokens": 64, "temperature": 0.0, "logprobs": 0}}
+    job = {"prompts": prompts, "sampling": {"max_tokens": 64, "temperature": 0.0, "logprobs": 2}}
     common = {"model": smollm2, "enforce_eager": True, "dtype": "float32", "block_size": 32, "seed": 0}
-    stock = run_engine(common, [job])["jobs"][0]
+    stock_engine = run_engine(common, [job])
+    stock = stock_engine["jobs"][0]
     plugin = run_engine(
         {**common, "additional_config": policy_config("streaming-sink", sink_tokens=4, window_tokens=252)}, [job]
     )
     ours = plugin["jobs"][0]
     assert plugin["max_model_len"] == 1 << 20 and stock["results"][0]["token_ids"]
+    assert stock_engine["attn_isa"] and plugin["attn_isa"]  # both ran vLLM's CPU kernel
+    same_kernel = stock_engine["attn_isa"] == plugin["attn_isa"]
     for a, b in zip(stock["results"], ours["results"]):
-        assert a["token_ids"] == b["token_ids"]
-        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+        if same_kernel:
+            # Exact equality is valid: inside the window the plugin runs vLLM's kernel unchanged
+            # (same ISA, float32, same layout): the very same numerics (measured: bit-equal).
+            assert a["token_ids"] == b["token_ids"]
+            assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+        else:
+            # The stock builder chose an ISA whose layout the plugin does not read (neon, rvv...)
+            # and the plugin pinned vec: two kernels. Every measured margin is >= 0.036, 18x the
+            # near-tie bound 2 * 1e-3, so every position (64 measured) must compare.
+            label = f"{stock_engine['attn_isa']} vs {plugin['attn_isa']}"
+            assert_greedy_agree(a, b, tol=1e-3, min_compared=len(a["token_ids"]), label=label)
 
 
 def test_matches_transformers_streaming_llm_oracle(tiny_model):
@@ -117,13 +130,19 @@ def test_concurrent_batch_with_prefix_caching_equals_alone(tiny_model):
     rng = random.Random(2)
     shared = [rng.randrange(100, 40000) for _ in range(200)]
     prompts = [shared + [rng.randrange(100, 40000) for _ in range(100)] for _ in range(8)]
-    sampling = {"max_tokens": 120, "temperature": 0.0, "ignore_eos": True}
+    sampling = {"max_tokens": 120, "temperature": 0.0, "ignore_eos": True, "logprobs": 2}
     jobs = [{"prompts": prompts, "sampling": sampling, "tag": "batch"}]
     jobs += [{"prompts": [p], "sampling": sampling, "tag": f"alone{i}"} for i, p in enumerate(prompts)]
     out = run_engine(tiny_engine(tiny_model, enable_prefix_caching=True), jobs)
     batch, alone = out["jobs"][0], out["jobs"][1:]
     for i, solo in enumerate(alone):
-        assert batch["results"][i]["token_ids"] == solo["results"][0]["token_ids"], i
+        # Not the same numerics: a batch of 8 and a batch of 1 run the linear layers on other
+        # shapes, chunk the prefills differently, and the solo runs read the shared prefix from
+        # the cache (measured: log-probs up to 1e-5 apart, request 7 has a top-2 margin of 1e-5
+        # at position 26). Mixing two requests' blocks costs far more than 1e-3; every
+        # reference margin before position 26 is >= 4e-3, so at least 24 positions compare.
+        assert len(batch["results"][i]["token_ids"]) == 120
+        assert_greedy_agree(solo["results"][0], batch["results"][i], tol=1e-3, min_compared=24, label=f"request {i}")
         assert solo["peak_held"][0] <= bound(CHUNK)
         assert solo["free_end"] == solo["free_start"]
     assert all(0 < h <= bound(CHUNK) for h in batch["peak_held"])

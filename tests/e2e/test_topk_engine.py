@@ -7,6 +7,7 @@ import random
 import pytest
 
 from tests.e2e.conftest import policy_config, run_engine
+from tests.e2e.greedy_compare import assert_greedy_agree
 from vllm_kvstream.policies import build_policy
 
 pytestmark = pytest.mark.e2e
@@ -27,14 +28,16 @@ def topk_engine(model, score="attention", **extra):
 def test_inside_budget_identical_to_stock(tiny_model):
     rng = random.Random(3)
     prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (5, 30)]
-    job = {"prompts": prompts, "sampling": {"max_tokens": 40, "temperature": 0.0, "logprobs": 0, "ignore_eos": True}}
-    # Stock CPU attention needs blocks of 32; inside the budget block size changes nothing.
+    job = {"prompts": prompts, "sampling": {"max_tokens": 40, "temperature": 0.0, "logprobs": 2, "ignore_eos": True}}
+    # Stock CPU attention needs blocks of 32; inside the budget block size changes nothing
+    # but the kernel: stock runs vec (blocks of 32), the plugin vec16 (blocks of 16), two
+    # numerics (measured: log-probs up to 2e-5 apart). Every measured top-2 margin is >= 0.011,
+    # 5x the near-tie bound 2 * 1e-3, so all 40 positions must compare.
     stock = run_engine({**topk_engine(tiny_model), "additional_config": {}, "block_size": 32}, [job])["jobs"][0]
     ours = run_engine(topk_engine(tiny_model), [job])["jobs"][0]
-    for a, b in zip(stock["results"], ours["results"]):
+    for i, (a, b) in enumerate(zip(stock["results"], ours["results"])):
         assert len(b["token_ids"]) == 40
-        assert a["token_ids"] == b["token_ids"]
-        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-3
+        assert_greedy_agree(a, b, tol=1e-3, min_compared=40, label=f"request {i}")
 
 
 @pytest.mark.parametrize("score", ["attention", "key-norm"])
@@ -64,13 +67,18 @@ def test_batch_equals_alone(tiny_model):
     """Each request keeps its own selection and its own block copies under continuous batching."""
     rng = random.Random(5)
     prompts = [[rng.randrange(100, 40000) for _ in range(n)] for n in (300, 20, 170, 90)]
-    sampling = {"max_tokens": 150, "temperature": 0.0, "ignore_eos": True}
+    sampling = {"max_tokens": 150, "temperature": 0.0, "ignore_eos": True, "logprobs": 2}
     jobs = [{"prompts": prompts, "sampling": sampling, "tag": "batch"}]
     jobs += [{"prompts": [p], "sampling": sampling, "tag": f"alone{i}"} for i, p in enumerate(prompts)]
     out = run_engine(topk_engine(tiny_model), jobs)
     batch, alone = out["jobs"][0], out["jobs"][1:]
     for i, solo in enumerate(alone):
-        assert batch["results"][i]["token_ids"] == solo["results"][0]["token_ids"], i
+        # Not the same numerics: other batch shapes and prefill chunks (measured: log-probs up to
+        # 1.2e-5 apart, request 1 has a top-2 margin of 9e-5 at position 96). Another request's
+        # selection or blocks cost far more than 1e-3; every reference margin before position 67
+        # is >= 4e-3, so at least 64 positions compare.
+        assert len(batch["results"][i]["token_ids"]) == 150
+        assert_greedy_agree(solo["results"][0], batch["results"][i], tol=1e-3, min_compared=64, label=f"request {i}")
     assert batch["free_end"] == batch["free_start"]
 
 

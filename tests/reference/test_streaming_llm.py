@@ -91,6 +91,7 @@ def test_full_logprobs_is_plain_forward(model2):
     assert lp.shape == (17, VOCAB) and lp.dtype == torch.float32
     with torch.no_grad():
         ref = torch.log_softmax(model2(torch.tensor([ids])).logits[0].float(), dim=-1)
+    # A near-exact bound is valid: full_logprobs is this very forward (same ops, same shapes).
     torch.testing.assert_close(lp, ref, atol=1e-6, rtol=0)
 
 
@@ -168,6 +169,7 @@ def test_multi_layer_receptive_field(model2, sinks):
     outside = list(ids)
     outside[boundary - 1] = (outside[boundary - 1] + 1) % VOCAB
     out_lp = streaming_logprobs(model2, outside, sink_tokens=sinks, window_tokens=window)
+    # Exact equality is valid: the same code on the same shapes, only an input row p never reads.
     assert _row_diff(out_lp[p], base[p]).item() <= 1e-6
 
     inside = list(ids)
@@ -204,6 +206,7 @@ def test_d_zero_sinks_is_plain_sliding_window(model1, model2):
     changed[0] = (changed[0] + 1) % VOCAB
     stream2b = streaming_logprobs(model2, changed, sink_tokens=0, window_tokens=window)
     far = 2 * (window - 1) + 1  # first row whose 2-layer receptive field excludes token 0
+    # Exact equality is valid: the same code on the same shapes, only an input these rows never read.
     assert _row_diff(stream2b[far:], stream2[far:]).max().item() <= 1e-6
     assert _row_diff(stream2b[:far], stream2[:far]).min().item() > 0.0
 
@@ -249,6 +252,7 @@ def test_perplexity(model2):
     nll = -lp[torch.arange(79), torch.tensor(ids[1:])]
     ppl = streaming_perplexity(model2, ids, sink_tokens=sinks, window_tokens=window)
     assert math.isfinite(ppl)
+    # A near-exact bound is valid: streaming_perplexity reduces this very streaming_logprobs call.
     assert ppl == pytest.approx(math.exp(nll.double().mean().item()), rel=1e-9)
     # Without eviction the perplexity is the full model's.
     full = full_logprobs(model2, ids)
