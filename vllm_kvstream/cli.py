@@ -40,10 +40,10 @@ def _cache(text: str):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="Hugging Face model folder (default: the prepared SmolLM2-135M-Instruct)")
+    p.add_argument("--model", default=None, help="Hugging Face model folder, or a prepared model: smollm2 (default), gemma3, tiny, tiny-FAMILY")
     p.add_argument("--policies", type=_csv(str), default=["full", "sliding-window", "streaming-sink"],
                    help="comma-separated policies, each NAME[:KEY=VALUE...] to override how it sizes itself, "
-                        "e.g. topk-importance:score=key-norm (default: full,sliding-window,streaming-sink)")
+                        "e.g. topk-importance:score=key-norm; 'stock': vLLM without the plugin (default: full,sliding-window,streaming-sink)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--chunk", type=int, default=2048, help="prefill chunk (max_num_batched_tokens)")
     p.add_argument("--block-size", type=int, default=None, help="KV block size (default: vLLM's; a window must hold one block)")
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     from vllm_kvstream.compare import DEFAULT_POLICIES, LOCUSTFILE
 
     cp = sub.add_parser("compare", help="policies under the same locust load at equal KV memory: a report with charts")
-    cp.add_argument("--model", default=None, help="Hugging Face model folder (default: the prepared SmolLM2-135M-Instruct)")
+    cp.add_argument("--model", default=None, help="Hugging Face model folder, or a prepared model: smollm2 (default), gemma3, tiny, tiny-FAMILY")
     cp.add_argument("--policies", type=_csv(str), default=list(DEFAULT_POLICIES),
                     help="comma-separated: 'stock' (vLLM without the plugin's flags) and policies "
                          f"NAME[:KEY=VALUE...] as eval takes them (default: {','.join(DEFAULT_POLICIES)})")
@@ -120,11 +120,21 @@ class _Bar:
 
 
 def _model(path: str | None) -> Path:
-    if path is not None:
-        return Path(path)
-    from vllm_kvstream.models import prepare_smollm2
+    """A Hugging Face folder, or a model the plugin prepares locally by name (``smollm2``,
+    ``gemma3``, ``tiny``, ``tiny-FAMILY``); default ``smollm2``."""
+    from vllm_kvstream import models
 
-    return prepare_smollm2()
+    name = path or "smollm2"
+    if Path(name).is_dir():
+        return Path(name)
+    prepared = {"smollm2": models.prepare_smollm2, "gemma3": models.prepare_gemma3, "tiny": models.build_tiny_llama}
+    prepared.update({f"tiny-{f}": (lambda f=f: models.build_tiny_family(f)) for f in models.TINY_FAMILIES})
+    if name not in prepared:
+        raise SystemExit(
+            f"vllm-kvstream: error: --model {name!r} is neither a model folder nor a prepared model; "
+            f"allowed: a folder with config.json, or {', '.join(prepared)}"
+        )
+    return prepared[name]()
 
 
 def _trained_context(model: Path) -> int | None:
@@ -137,25 +147,32 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from vllm_kvstream.data import load_text
-    from vllm_kvstream.eval.ppl import plan_runs, token_logprobs, write_outputs
+    from vllm_kvstream.eval.ppl import plan_runs, token_logprobs, write_blocks, write_outputs
 
     model = _model(args.model)
     runs = plan_runs(args.policies, args.caches)
     tokenizer = AutoTokenizer.from_pretrained(model)
-    tokens = tokenizer.encode(load_text(args.text), add_special_tokens=False)[: args.tokens]
+    from vllm_kvstream.eval.engine import leading_special_tokens
+
+    tokens = (leading_special_tokens(tokenizer) + tokenizer.encode(load_text(args.text), add_special_tokens=False))[: args.tokens]
     if len(tokens) < args.tokens:
         log.warning("the text has only %d tokens; evaluating all of them", len(tokens))
     results = {}
+    blocks: dict[str, dict] = {}
     out = args.out or Path("kvstream-eval") / "ppl"
     summary = {}
     for run in runs:
         stream = tokens if run.cache is not None else tokens[: args.full_tokens or len(tokens)]
         bar = _Bar(run.label)
+        blocks[run.label] = {}
         try:
             results[run.label] = token_logprobs(model, stream, run, dtype=args.dtype, chunk=args.chunk,
-                                                block_size=args.block_size, progress=bar)
+                                                block_size=args.block_size, progress=bar, blocks=blocks[run.label])
         finally:
             bar.close()
+        write_blocks(out, blocks)
+        log.info("%s: peak %d KV blocks held (every group), %d after the stream", run.label,
+                 blocks[run.label]["peak"], blocks[run.label]["after"])
         # Written after every run, so a long evaluation that is stopped keeps what it measured.
         summary = write_outputs(out, results, segment=args.segment, tail_tokens=args.tail,
                                 trained_context=_trained_context(model),

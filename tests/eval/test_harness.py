@@ -106,3 +106,30 @@ def test_passkey_outputs(tmp_path):
     table = write_passkey(tmp_path, rows, title="t")
     assert table["full"][(4000, 0.9)] == 1.0 and table["streaming-sink 4+1020"][(4000, 0.9)] == 0.0
     assert (tmp_path / "passkey.png").stat().st_size > 10_000
+
+
+def test_stock_is_a_run_of_its_own():
+    from vllm_kvstream.eval.ppl import STOCK, Cache, plan_runs
+
+    runs = plan_runs(["stock", "full", "streaming-sink"], [Cache(4, 60)])
+    assert [r.label for r in runs] == ["stock", "full", "streaming-sink 4+60"]
+    assert runs[0].policy == STOCK and runs[0].params is None
+
+
+def test_model_option_names_a_folder_or_a_prepared_model(tmp_path):
+    from vllm_kvstream.cli import _model
+
+    assert _model(str(tmp_path)) == tmp_path
+    with pytest.raises(SystemExit, match="--model 'no-such-model' is neither a model folder nor a prepared model; allowed: .*gemma3.*tiny-qwen3"):
+        _model("no-such-model")
+
+
+def test_leading_special_tokens_are_the_tokenizers_bos():
+    from vllm_kvstream.eval.engine import leading_special_tokens
+
+    class Bos(CharTokenizer):
+        def encode(self, text, add_special_tokens=False):
+            return ([2] if add_special_tokens else []) + super().encode(text)
+
+    assert leading_special_tokens(Bos()) == [2]
+    assert leading_special_tokens(CharTokenizer()) == []

@@ -113,6 +113,12 @@ def run_job(
         return json.loads(result_path.read_text())
 
 
+def leading_special_tokens(tokenizer) -> list[int]:
+    """The special tokens the model's tokenizer puts before a text (Gemma's BOS; none for
+    SmolLM2): a stream or a prompt starts with them, as the model was trained."""
+    return list(tokenizer.encode("", add_special_tokens=True))
+
+
 def _report(done: int, total: int) -> None:
     sys.stderr.write(f"{PROGRESS} {done} {total}\n")
     sys.stderr.flush()
@@ -128,18 +134,27 @@ def _prompt_logprobs(llm, job: dict[str, Any]) -> dict[str, Any]:
 
     engine = llm.llm_engine
     tokens = job["tokens"]
+    pool = engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
+    free_start = pool.get_num_free_blocks()
     engine.add_request("ppl", {"prompt_token_ids": tokens}, SamplingParams(max_tokens=1, prompt_logprobs=0))
     result = None
     last = 0.0
+    peak = 0
+    blocks: list[tuple[int, int]] = []  # (tokens computed, KV blocks in use: every group, vLLM's pool)
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 result = [lp[tok].logprob for lp, tok in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])]
+        used = free_start - pool.get_num_free_blocks()
+        peak = max(peak, used)
         if time.monotonic() - last > 2.0:
             last = time.monotonic()
-            _report(_computed_tokens(engine), len(tokens))
+            done = _computed_tokens(engine)
+            blocks.append((done, used))
+            _report(done, len(tokens))
     _report(len(tokens), len(tokens))
-    return {"logprobs": result}
+    return {"logprobs": result, "blocks": blocks, "peak_blocks": peak,
+            "blocks_after": free_start - pool.get_num_free_blocks()}
 
 
 def _generate(llm, job: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_kvstream.eval.engine import engine_kwargs, kv_bytes_per_token, run_job
-from vllm_kvstream.eval.ppl import Run
+from vllm_kvstream.eval.ppl import STOCK, Run
 
 INSTRUCTION = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -47,7 +47,9 @@ def build_trials(tokenizer, lengths: Sequence[int], depths: Sequence[float], tri
             raise ValueError(f"depth {d} is outside [0, 1]")
     rng = random.Random(seed)
     encode = lambda text: tokenizer.encode(text, add_special_tokens=False)  # noqa: E731
-    head, unit, question = encode(INSTRUCTION), encode(FILLER), encode(QUESTION)
+    from vllm_kvstream.eval.engine import leading_special_tokens
+
+    head, unit, question = leading_special_tokens(tokenizer) + encode(INSTRUCTION), encode(FILLER), encode(QUESTION)
     out = []
     for length in lengths:
         for depth in depths:
@@ -84,7 +86,8 @@ def run_passkey(
     """Generated token ids per trial, through vLLM under ``run``."""
     bounded = run.cache is not None
     longest = max(len(t.prompt) for t in trials)
-    kw = engine_kwargs(model, run.policy, run.params, dtype=dtype, chunk=chunk, block_size=block_size, max_num_seqs=max_num_seqs, quant=run.quant,
+    policy = None if run.policy == STOCK else run.policy
+    kw = engine_kwargs(model, policy, run.params, dtype=dtype, chunk=chunk, block_size=block_size, max_num_seqs=max_num_seqs, quant=run.quant,
                        max_model_len=None if bounded else longest + 32)
     per_request = (run.cache.sink_tokens + run.cache.window_tokens + 2 * chunk) if bounded else longest + 64
     gib = 4 * per_request * kv_bytes_per_token(model, 4 if dtype == "float32" else 2) / 2**30 + 0.5

@@ -26,6 +26,10 @@ from vllm_kvstream.policies import get_policy_class
 from vllm_kvstream.quant import QUANT_KEY, parse_quant
 
 
+#: The run label of stock vLLM (the plugin's settings absent).
+STOCK = "stock"
+
+
 @dataclass(frozen=True)
 class Cache:
     """A cache budget ``sink + window`` tokens, written ``S+W`` on the command line."""
@@ -96,10 +100,13 @@ def parse_policy_spec(text: str) -> tuple[str, dict]:
 
 def plan_runs(policies: Sequence[str], caches: Sequence[Cache]) -> list[Run]:
     """Every policy (``NAME[:KEY=VALUE...]``, see :func:`parse_policy_spec`) at every cache
-    size; policies without a cache size once. Unknown names and bad options raise the
+    size; policies without a cache size once; ``stock`` (vLLM, plugin inert) once. Unknown names and bad options raise the
     registry's errors (naming the allowed values) before anything runs."""
     runs = []
     for spec in policies:
+        if spec == STOCK:  # vLLM without the plugin's settings, as a baseline in the same run
+            runs.append(Run(STOCK, None, None))
+            continue
         name, options = parse_policy_spec(spec)
         options, quant = split_quant_options(options)
         cls = get_policy_class(name)
@@ -124,18 +131,35 @@ def token_logprobs(
     chunk: int = 2048,
     block_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
+    blocks: dict | None = None,
 ) -> list[float]:
     """Log-probability of ``tokens[i + 1]`` given ``tokens[: i + 1]`` through vLLM under ``run``
-    (``None``: stock vLLM)."""
+    (``None``: stock vLLM). ``blocks``, when given, receives the KV blocks the stream held as it
+    went (every group, read from vLLM's pool): ``series`` ``[(tokens computed, blocks)]``,
+    ``peak`` and ``after`` (held once the stream finished: 0 unless blocks leak)."""
     dtype_bytes = 4 if dtype == "float32" else 2
-    policy = None if run is None else run.policy
+    policy = None if run is None or run.policy == STOCK else run.policy
     bounded = run is not None and run.cache is not None
     kw = engine_kwargs(model, policy, run.params if run else None, dtype=dtype, chunk=chunk, block_size=block_size,
                        max_model_len=None if bounded else len(tokens) + 16, quant=run.quant if run else None)
     tokens_held = (run.cache.sink_tokens + run.cache.window_tokens + 4 * chunk) if bounded else len(tokens) + 2 * chunk
     gib = tokens_held * kv_bytes_per_token(model, dtype_bytes) / 2**30 + 0.5
     result = run_job(kw, {"kind": "prompt_logprobs", "tokens": list(tokens)}, kv_cache_gib=gib, progress=progress)
+    if blocks is not None:
+        blocks.update(series=result["blocks"], peak=result["peak_blocks"], after=result["blocks_after"])
     return result["logprobs"]
+
+
+def write_blocks(out_dir: Path, blocks: dict[str, dict]) -> None:
+    """``ppl_blocks.csv``: per run, the KV blocks held against tokens computed (flat for a
+    bounded policy), and its peak and the blocks left after the stream."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with (out_dir / "ppl_blocks.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "tokens_computed", "kv_blocks", "peak_kv_blocks", "kv_blocks_after"])
+        for label, b in blocks.items():
+            for done, used in b["series"]:
+                w.writerow([label, done, used, b["peak"], b["after"]])
 
 
 def perplexity(logprobs: Sequence[float]) -> float:
