@@ -111,7 +111,18 @@ def test_fit_refuses_a_table_that_is_not_one_fixed_rotation():
         Rope.from_table(growing, D, True)
 
 
-def test_two_factor_linear_op_is_refused_naming_it():
+@pytest.fixture(params=["stock class", "plugin override"])
+def registered(request):
+    """Both ways an op is built: vLLM's class, or (plugin registered, as in every engine
+    process) the plugin's override of it, which must still be named as vLLM's class."""
+    if request.param == "plugin override":
+        from vllm_kvstream.adapter.plugin import register
+
+        register()
+    return request.param
+
+
+def test_two_factor_linear_op_is_refused_naming_it(registered):
     """LinearScalingRotaryEmbedding with several factors concatenates tables (per LoRA): no fixed rotation."""
     from vllm.model_executor.layers.rotary_embedding import LinearScalingRotaryEmbedding
 
@@ -120,7 +131,7 @@ def test_two_factor_linear_op_is_refused_naming_it():
         rope_from_op(op)
 
 
-def test_mrope_op_is_refused_naming_it():
+def test_mrope_op_is_refused_naming_it(registered):
     from vllm.model_executor.layers.rotary_embedding import MRotaryEmbedding
 
     op = MRotaryEmbedding(D, D, 256, 10000.0, True, torch.float32, mrope_section=[8, 12, 12])

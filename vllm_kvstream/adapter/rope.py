@@ -112,7 +112,7 @@ def check_rope_config(hf_config: Any) -> None:
 def rope_from_op(op: Any) -> Rope:
     """The fixed rotation a vLLM rotary op applies (frequencies and mscale from its own table).
     Raises :class:`KVStreamConfigError` for an op that is not one."""
-    name = type(op).__mro__[1].__name__ if type(op).__name__.startswith("KVStream") else type(op).__name__
+    name = next(c.__name__ for c in type(op).__mro__ if not issubclass(_KVStreamRotary, c) and not issubclass(c, _KVStreamRotary))
     supported = ", ".join(SUPPORTED_ROPE_TYPES)
     if name in _UNFIXED_CLASSES:
         raise KVStreamConfigError(
