@@ -479,9 +479,9 @@ def prepare_smollm2(dest: Path | None = None) -> Path:
 # --------------------------------------------------------------------------
 
 
-def _build_tiny(tokenizer_dir: Path, out: Path, seed: int) -> None:
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+def _copy_tokenizer(tokenizer_dir: Path, out: Path, max_length: int) -> Any:
+    """Copy a tokenizer's files into ``out`` with ``model_max_length`` set; return it loaded."""
+    from transformers import AutoTokenizer
 
     copied = []
     for fname in _TOKENIZER_FILES:
@@ -494,9 +494,37 @@ def _build_tiny(tokenizer_dir: Path, out: Path, seed: int) -> None:
     tok_cfg_path = out / "tokenizer_config.json"
     if tok_cfg_path.is_file():
         tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
-        tok_cfg["model_max_length"] = TINY_MAX_POSITIONS
+        tok_cfg["model_max_length"] = max_length
         tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    return AutoTokenizer.from_pretrained(out)
+
+
+def _draw_weights(model: Any, seed: int, *, norm_fill: float = 1.0, embed_std: float = TINY_INITIALIZER_RANGE) -> None:
+    """Re-draw every weight from an explicit generator in a fixed order, so the result depends
+    only on ``seed`` (and on torch's normal_), not on how the installed transformers happens to
+    initialise modules: norms ``norm_fill``, embeddings N(0, ``embed_std``), other matrices
+    N(0, TINY_INITIALIZER_RANGE), vectors 0."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if name.endswith("norm.weight"):
+                param.fill_(norm_fill)
+            elif name.endswith("embed_tokens.weight"):
+                param.normal_(0.0, embed_std, generator=gen)
+            elif param.dim() >= 2:
+                param.normal_(0.0, TINY_INITIALIZER_RANGE, generator=gen)
+            else:
+                param.zero_()
+    model.eval()
+
+
+def _build_tiny(tokenizer_dir: Path, out: Path, seed: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _copy_tokenizer(tokenizer_dir, out, TINY_MAX_POSITIONS)
     vocab_size = max(len(tokenizer), int(tokenizer.vocab_size))
 
     config = LlamaConfig(
@@ -523,19 +551,7 @@ def _build_tiny(tokenizer_dir: Path, out: Path, seed: int) -> None:
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32)
-    # Re-draw every weight from an explicit generator in a fixed order, so
-    # the result depends only on ``seed`` (and on torch's normal_), not on
-    # how the installed transformers happens to initialise modules.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if name.endswith("norm.weight"):
-                param.fill_(1.0)
-            elif param.dim() >= 2:
-                param.normal_(0.0, TINY_INITIALIZER_RANGE, generator=gen)
-            else:
-                param.zero_()
-    model.eval()
+    _draw_weights(model, seed)
     model.save_pretrained(out, safe_serialization=True)
     _fix_config(
         out,
@@ -898,23 +914,10 @@ def _config_rope_thetas(config: dict[str, Any]) -> dict[str, float]:
 def _build_tiny_family(tokenizer_dir: Path, out: Path, family: str, seed: int) -> None:
     import torch
     import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     class_name, family_kwargs = _tiny_family_spec(family)
-    copied = []
-    for fname in _TOKENIZER_FILES:
-        src = tokenizer_dir / fname
-        if src.is_file():
-            shutil.copyfile(src, out / fname)
-            copied.append(fname)
-    if "tokenizer.json" not in copied:
-        raise RuntimeError(f"{tokenizer_dir} has no tokenizer.json to copy")
-    tok_cfg_path = out / "tokenizer_config.json"
-    if tok_cfg_path.is_file():
-        tok_cfg = json.loads(tok_cfg_path.read_text(encoding="utf-8"))
-        tok_cfg["model_max_length"] = TINY_FAMILY_MAX_POSITIONS
-        tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2) + "\n", encoding="utf-8")
-    tokenizer = AutoTokenizer.from_pretrained(out)
+    tokenizer = _copy_tokenizer(tokenizer_dir, out, TINY_FAMILY_MAX_POSITIONS)
     vocab_size = max(len(tokenizer), int(tokenizer.vocab_size))
 
     kwargs: dict[str, Any] = {
@@ -952,20 +955,7 @@ def _build_tiny_family(tokenizer_dir: Path, out: Path, family: str, seed: int) -
     gemma = class_name.startswith("Gemma")
     norm_fill = 0.0 if gemma else 1.0
     embed_std = TINY_INITIALIZER_RANGE / (TINY_HIDDEN**0.5 if gemma else 1.0)
-    # Every weight drawn from an explicit generator in a fixed order (as in
-    # ``_build_tiny``): the result depends only on ``seed``.
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in sorted(model.named_parameters()):
-            if name.endswith("norm.weight"):
-                param.fill_(norm_fill)
-            elif name.endswith("embed_tokens.weight"):
-                param.normal_(0.0, embed_std, generator=gen)
-            elif param.dim() >= 2:
-                param.normal_(0.0, TINY_INITIALIZER_RANGE, generator=gen)
-            else:
-                param.zero_()
-    model.eval()
+    _draw_weights(model, seed, norm_fill=norm_fill, embed_std=embed_std)
     model.save_pretrained(out, safe_serialization=True)
 
     path = out / "config.json"

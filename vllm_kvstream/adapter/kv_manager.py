@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -50,9 +50,44 @@ SlidingWindowManager = probe("vllm.v1.core.single_type_kv_cache_manager:SlidingW
 KVCacheSpecRegistry = probe("vllm.v1.kv_cache_spec_registry:KVCacheSpecRegistry")
 
 
+class _PluginPages:
+    """What the plugin's specs share: where their blocks live (the ``kv_quant``,
+    ``kv_quant_params`` and ``kv_pages`` fields each declares) and a ``merge`` that keeps the
+    plugin's fields, which the layers of one KV cache group must agree on."""
+
+    #: The vLLM spec class this one extends, and the fields it adds to it.
+    _vllm_base: ClassVar[type]
+    _own_fields: ClassVar[tuple[str, ...]]
+
+    @cached_property
+    def quant(self) -> KVQuant | None:
+        return parse_quant(self.kv_quant or None, dict(self.kv_quant_params))
+
+    @cached_property
+    def quant_layout(self) -> QuantLayout | None:
+        """The plugin's page layout (quantized or 16-bit); ``None``: vLLM's own layout."""
+        if self.kv_pages:
+            return float_page_layout(self.kv_pages, self.head_size, self.block_size)
+        return quant_layout(self.quant, self.head_size, self.block_size)
+
+    @classmethod
+    def merge(cls, specs: list):
+        extra = {tuple(getattr(s, name) for name in cls._own_fields) for s in specs}
+        if len(extra) != 1:
+            raise ValueError(f"vllm-kvstream: layers of one KV cache group disagree on the policy or pages: {extra}")
+        base = cls._vllm_base.merge(specs)
+        values = {f.name: getattr(base, f.name) for f in fields(cls._vllm_base)}
+        return cls(**values, **dict(zip(cls._own_fields, extra.pop())))
+
+
 @dataclass(frozen=True, kw_only=True)
-class KVStreamAttentionSpec(FullAttentionSpec):
+class KVStreamAttentionSpec(_PluginPages, FullAttentionSpec):
     """Full-attention page layout plus the policy that decides which blocks are kept."""
+
+    _vllm_base: ClassVar[type] = FullAttentionSpec
+    _own_fields: ClassVar[tuple[str, ...]] = (
+        "kv_policy", "kv_policy_params", "max_query_tokens", "kv_quant", "kv_quant_params", "kv_pages",
+    )
 
     kv_policy: str = "full"
     kv_policy_params: tuple[tuple[str, Any], ...] = ()
@@ -68,17 +103,6 @@ class KVStreamAttentionSpec(FullAttentionSpec):
     def policy(self) -> KVPolicy:
         return build_policy(self.kv_policy, dict(self.kv_policy_params))
 
-    @cached_property
-    def quant(self) -> KVQuant | None:
-        return parse_quant(self.kv_quant or None, dict(self.kv_quant_params))
-
-    @cached_property
-    def quant_layout(self) -> QuantLayout | None:
-        """The plugin's page layout (quantized or 16-bit); ``None``: vLLM's own layout."""
-        if self.kv_pages:
-            return float_page_layout(self.kv_pages, self.head_size, self.block_size)
-        return quant_layout(self.quant, self.head_size, self.block_size)
-
     def max_blocks_per_request(self, max_model_len: int) -> int:
         return self.policy.max_blocks_per_request(self.block_size, self.max_query_tokens, max_model_len)
 
@@ -87,50 +111,23 @@ class KVStreamAttentionSpec(FullAttentionSpec):
             return super().max_memory_usage_bytes(vllm_config)
         return self.max_blocks_per_request(vllm_config.model_config.max_model_len) * self.page_size_bytes
 
-    @classmethod
-    def merge(cls, specs: list[KVStreamAttentionSpec]) -> KVStreamAttentionSpec:
-        extra = {tuple(getattr(s, name) for name in _OWN_FIELDS) for s in specs}
-        if len(extra) != 1:
-            raise ValueError(f"vllm-kvstream: layers of one KV cache group disagree on the policy: {extra}")
-        base = FullAttentionSpec.merge(specs)
-        values = {f.name: getattr(base, f.name) for f in fields(FullAttentionSpec)}
-        return cls(**values, **dict(zip(_OWN_FIELDS, extra.pop())))
-
 
 @dataclass(frozen=True, kw_only=True)
-class KVStreamSlidingSpec(SlidingWindowSpec):
+class KVStreamSlidingSpec(_PluginPages, SlidingWindowSpec):
     """A model's own sliding-window layers in the plugin's pages (``--kv-quant``, 16-bit pages):
     vLLM's sliding-window semantics and manager (``SlidingWindowManager`` frees what falls out
     of the window), the page of the plugin's layout, so every group of a hybrid model (Gemma-3:
     5 sliding to 1 full layer) has the same page size and the quantized capacity applies to
     all of them."""
 
+    _vllm_base: ClassVar[type] = SlidingWindowSpec
+    _own_fields: ClassVar[tuple[str, ...]] = ("kv_quant", "kv_quant_params", "kv_pages")
+
     kv_quant: str = ""
     kv_quant_params: tuple[tuple[str, Any], ...] = ()
     kv_pages: str = ""
 
-    @cached_property
-    def quant(self) -> KVQuant | None:
-        return parse_quant(self.kv_quant or None, dict(self.kv_quant_params))
 
-    @cached_property
-    def quant_layout(self) -> QuantLayout | None:
-        if self.kv_pages:
-            return float_page_layout(self.kv_pages, self.head_size, self.block_size)
-        return quant_layout(self.quant, self.head_size, self.block_size)
-
-    @classmethod
-    def merge(cls, specs: list[KVStreamSlidingSpec]) -> KVStreamSlidingSpec:
-        extra = {tuple(getattr(s, name) for name in _SLIDING_FIELDS) for s in specs}
-        if len(extra) != 1:
-            raise ValueError(f"vllm-kvstream: layers of one KV cache group disagree on their pages: {extra}")
-        base = SlidingWindowSpec.merge(specs)
-        values = {f.name: getattr(base, f.name) for f in fields(SlidingWindowSpec)}
-        return cls(**values, **dict(zip(_SLIDING_FIELDS, extra.pop())))
-
-
-_SLIDING_FIELDS = ("kv_quant", "kv_quant_params", "kv_pages")
-_OWN_FIELDS = ("kv_policy", "kv_policy_params", "max_query_tokens", "kv_quant", "kv_quant_params", "kv_pages")
 #: Model dtypes the plugin's 16-bit pages store as they are.
 PAGE_FLOAT_DTYPES = {torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
