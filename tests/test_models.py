@@ -391,13 +391,12 @@ def test_gemma3_assembly_checks_sha256(tmp_path: Path) -> None:
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.slow  # converts 1.1 GB once (about 50 s), so not in the default suite
 def test_gemma3_folder() -> None:
-    """The converted checkpoint (``python -m vllm_kvstream.models gemma3``), if built."""
+    """The converted checkpoint (``python -m vllm_kvstream.models gemma3``)."""
     from transformers import AutoConfig, AutoTokenizer
 
-    folder = models.cache_dir() / models.GEMMA3_DIRNAME
-    if not models.is_complete(folder, {"model": "gemma3-270m"}):
-        pytest.skip("Gemma-3 not converted (python -m vllm_kvstream.models gemma3)")
+    folder = models.prepare_gemma3()
     cfg = _config(folder)
     assert cfg["architectures"] == ["Gemma3ForCausalLM"] and "quantization_config" not in cfg
     assert (cfg["max_position_embeddings"], cfg["sliding_window"]) == (32768, 512)
