@@ -91,11 +91,13 @@ def sink_window_attention_ref(
     rope: Rope | None,
     rope_applied: bool = False,
     out: torch.Tensor | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Naive float32 reference. ``query`` is ``[T, heads, head_size]``, rotated at its absolute
     position when ``rope_applied`` and unrotated otherwise (``rope=None``: keys and queries are
     used as stored, for models without RoPE). Returns ``[T, heads, head_size]`` in ``query``'s
-    dtype (written into ``out`` when given)."""
+    dtype (written into ``out`` when given). ``softcap``: scores become ``softcap *
+    tanh(score / softcap)`` (Gemma-2's attention logit soft-capping), as vLLM's kernels do."""
     num_heads = query.shape[1]
     kv_heads = key_cache.shape[1]
     group = num_heads // kv_heads
@@ -148,6 +150,8 @@ def sink_window_attention_ref(
             return torch.bmm(qx, kx.permute(1, 2, 0)) * scale  # [Hkv, group * n, K]
 
         s = torch.cat((scores(q_sink, k_sink), scores(q_rest, k_rest)), dim=-1)
+        if softcap:
+            s = torch.tanh(s / softcap) * softcap
         visible_sink = pos_sink[None, :] <= pos_q[:, None]
         visible_rest = pos_rest[None, :] <= pos_q[:, None]
         if window_tokens is not None:

@@ -143,9 +143,11 @@ def sink_window_decode(
     scale: float,
     rope: Rope | None,
     out: torch.Tensor,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """``query`` [T, heads, D] (rotated at absolute positions); ``kv_cache`` one layer's cache
-    in vLLM's CPU layout (:func:`split_cpu_kv_cache`). Writes rows ``plan.rows`` of ``out``."""
+    in vLLM's CPU layout (:func:`split_cpu_kv_cache`). Writes rows ``plan.rows`` of ``out``.
+    ``softcap``: Gemma-2's logit soft-capping, ``softcap * tanh(score / softcap)``."""
     _, kv_heads, block_size, two_d = kv_cache.shape
     if block_size != plan.block_size:
         raise ValueError(f"cache block size {block_size} != planned block size {plan.block_size}")
@@ -167,7 +169,10 @@ def sink_window_decode(
             _rotate_keys_(keys_t[:, : plan.sink_blocks], plan.sink_cos, plan.sink_sin, rope)
     q = query.index_select(0, plan.rows).float().view(batch, 1, kv_heads, group, head_size)
     # Scores block by block [B, nb, H, group, bs]; softmax over (nb, bs) jointly.
-    scores = (q @ keys_t).mul_(scale).add_(plan.bias)
+    scores = (q @ keys_t).mul_(scale)
+    if softcap:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
+    scores = scores.add_(plan.bias)
     scores = scores.sub_(scores.amax(dim=(1, 4), keepdim=True)).exp_()
     o = (scores @ values).sum(dim=1).div_(scores.sum(dim=(1, 4)).unsqueeze(-1))  # [B, H, group, D]
     out.index_copy_(0, plan.rows, o.reshape(batch, num_heads, head_size).to(out.dtype))

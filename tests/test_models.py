@@ -224,6 +224,7 @@ _FAMILIES = {
     "phi3-longrope": ("Phi3ForCausalLM", "phi3", "longrope", 2),
     "mistral-sliding": ("MistralForCausalLM", "mistral", "default", 2),
     "gemma3": ("Gemma3ForCausalLM", "gemma3_text", "default", 6),
+    "gemma2": ("Gemma2ForCausalLM", "gemma2", "default", 4),
 }
 
 
@@ -254,7 +255,10 @@ def test_tiny_family_config(family: str, family_dirs: dict[str, Path], smollm2_d
     assert heads == (256, 4, 2)
     assert cfg.get("head_dim") in (None, 64)  # Phi-3 derives it: 256 / 4
     assert cfg["dtype"] == "float32"
-    assert cfg["tie_word_embeddings"] is False
+    assert cfg["tie_word_embeddings"] is (family == "gemma2")  # vLLM's Gemma-2 ties them
+    if family == "gemma2":
+        assert (cfg["attn_logit_softcapping"], cfg["final_logit_softcapping"]) == (50.0, 30.0)
+        assert cfg["layer_types"] == ["sliding_attention", "full_attention"] * 2 and cfg["sliding_window"] == 64
     tok_cfg = json.loads((folder / "tokenizer_config.json").read_text())
     assert tok_cfg["model_max_length"] == 256
     tokenizer_json = (folder / "tokenizer.json").read_bytes()
@@ -327,7 +331,8 @@ def test_tiny_family_weights(family_dirs: dict[str, Path]) -> None:
     for family, folder in family_dirs.items():
         weights = _weights(folder)
         assert all(t.dtype == torch.float32 for t in weights.values()), family
-        assert weights["lm_head.weight"].shape[1] == 256, family
+        head = weights["model.embed_tokens.weight" if family == "gemma2" else "lm_head.weight"]
+        assert head.shape[1] == 256, family
 
 
 def test_tiny_family_deterministic_and_validated(

@@ -798,6 +798,7 @@ TINY_FAMILIES = (
     "phi3-longrope",
     "mistral-sliding",
     "gemma3",
+    "gemma2",
 )
 
 #: The "trained context" of every tiny family model: ``max_position_embeddings``
@@ -900,6 +901,20 @@ def _tiny_family_spec(family: str) -> tuple[str, dict[str, Any]]:
             "attn_logit_softcapping": None,
             "final_logit_softcapping": None,
         }
+    if family == "gemma2":
+        return "Gemma2Config", {
+            "num_hidden_layers": 4,
+            "layer_types": ["sliding_attention", "full_attention"] * 2,
+            "sliding_window": TINY_FAMILY_SLIDING_WINDOW,
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+            "query_pre_attn_scalar": TINY_FAMILY_HEAD_DIM,
+            "hidden_activation": "gelu_pytorch_tanh",
+            "rms_norm_eps": 1e-6,
+            # Gemma-2's soft-capping: attention logits at 50, final logits at 30.
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "tie_word_embeddings": True,  # vLLM's Gemma-2 has no lm_head of its own
+        }
     raise ValueError(f"unknown tiny family {family!r}; known: {', '.join(TINY_FAMILIES)}")
 
 
@@ -964,7 +979,7 @@ def _build_tiny_family(tokenizer_dir: Path, out: Path, family: str, seed: int) -
         {
             "architectures": [architecture],
             "max_position_embeddings": TINY_FAMILY_MAX_POSITIONS,
-            "tie_word_embeddings": False,
+            "tie_word_embeddings": bool(kwargs["tie_word_embeddings"]),
             "dtype": "float32",
             "_name_or_path": f"vllm-kvstream/tiny-{family}",
         }
@@ -972,7 +987,7 @@ def _build_tiny_family(tokenizer_dir: Path, out: Path, family: str, seed: int) -
     # Legacy top-level rope thetas next to ``rope_parameters`` (which is what
     # transformers 5 and vLLM 0.32 read), as ``_fix_config`` does.
     thetas = _config_rope_thetas(cfg)
-    if gemma:
+    if "full_attention" in thetas:
         cfg["rope_theta"] = thetas["full_attention"]
         cfg["rope_local_base_freq"] = thetas["sliding_attention"]
     else:

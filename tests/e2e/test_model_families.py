@@ -24,7 +24,7 @@ SINK, WINDOW, BLOCK, CHUNK = 4, 124, 32, 128
 #: rotation: the same code path as ``llama3``, their tables checked in tests/adapter/test_rope.py)
 #: run with ``-m slow`` to keep the default suite short.
 SERVED = [
-    "qwen3", "llama3", "qwen2-yarn", "mistral-sliding", "gemma3",
+    "qwen3", "llama3", "qwen2-yarn", "mistral-sliding", "gemma3", "gemma2",
     pytest.param("llama-linear", marks=pytest.mark.slow), pytest.param("llama-dynamic", marks=pytest.mark.slow),
 ]
 
@@ -128,6 +128,13 @@ def test_family_streams_with_quantized_pages(family_model, family, method):
     config = {**_sink(), "kv_quant": method}
     out = run_engine(_engine(model, config), _stream_jobs(random.Random(4)))
     _check_stream(out["jobs"])
+
+
+def test_softcap_with_quantized_pages_is_refused_naming_it(family_model):
+    """Gemma-2's logit soft-capping runs in vLLM's own layout (the stock kernel and the
+    plugin's CPU paths); the paged backend's kernels have none, so it is refused, named."""
+    with pytest.raises(AssertionError, match="do not support logits_soft_cap"):
+        run_engine(_engine(family_model("gemma2"), {**_sink(), "kv_quant": "int8"}), [])
 
 
 def test_longrope_is_refused_before_weights_load(family_model):

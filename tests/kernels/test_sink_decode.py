@@ -52,7 +52,8 @@ def build_batch(policy, seq_lens, block_size, hq, hkv, d, dtype, gen, rope):
 @pytest.mark.parametrize(("policy_name", "params"), POLICIES)
 @pytest.mark.parametrize("block_size", [8, 5])
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)])
-def test_decode_matches_reference(policy_name, params, block_size, dtype, tol):
+@pytest.mark.parametrize("softcap", [None, 5.0])  # Gemma-2's logit soft-capping: scores here spread over several units
+def test_decode_matches_reference(policy_name, params, block_size, dtype, tol, softcap):
     gen = torch.Generator().manual_seed(block_size)
     policy = build_policy(policy_name, params)
     hq, hkv, d = 6, 2, 16
@@ -68,10 +69,11 @@ def test_decode_matches_reference(policy_name, params, block_size, dtype, tol):
         sink_tokens=pattern.sink_tokens, window_tokens=pattern.window_tokens, block_size=block_size, rope=rope,
     )
     out = torch.full_like(query, 7.0)
-    sink_window_decode(query, kv, plan, scale=0.3, rope=rope, out=out)
+    sink_window_decode(query, kv, plan, scale=0.3, rope=rope, out=out, softcap=softcap)
     expected = sink_window_attention_ref(
         query, kc, vc, tables, [RequestSlice(int(q), int(q) + 1, s, block_row=r) for r, (q, s) in enumerate(zip(rows, seq_lens))],
         sink_tokens=pattern.sink_tokens, window_tokens=pattern.window_tokens, scale=0.3, rope=rope, rope_applied=True,
+        softcap=softcap,
     )
     assert out.dtype == dtype
     assert not torch.isnan(out[rows]).any()
@@ -104,3 +106,24 @@ def test_cpu_layout_views_match_vllm_layout():
     flat = kv[1, 0].reshape(-1)
     assert keys[1, 0, 2, 1] == flat[1 * 4 + 2]  # key dim 1 of token 2: [D, bs] order
     assert values[1, 0, 2, 1] == flat[12 + 2 * 3 + 1]  # value token 2, dim 1: [bs, D] after the keys
+
+
+def test_softcap_reference_is_capped_dense_attention():
+    """With every token visible, the reference with ``softcap`` is dense causal attention over
+    ``softcap * tanh(q.k * scale / softcap)``, and differs from the uncapped one."""
+    gen = torch.Generator().manual_seed(0)
+    n, h, d, bs = 12, 2, 8, 4
+    k, v, q = (torch.randn(n, h, d, generator=gen) * 3 for _ in range(3))
+    kv = torch.zeros(n // bs + 1, h, bs, 2 * d)
+    kc, vc = split_cpu_kv_cache(kv)
+    write_kv_ref(k, v, kc, vc, torch.arange(n) + bs)  # blocks 1.. (0 is the null block)
+    table = torch.arange(1, n // bs + 1, dtype=torch.int32)[None]
+    req = [RequestSlice(0, n, n, block_row=0)]
+    got = sink_window_attention_ref(q, kc, vc, table, req, sink_tokens=0, window_tokens=None, scale=0.5, rope=None, softcap=2.0)
+    s = torch.einsum("qhd,khd->hqk", q, k) * 0.5
+    s = torch.tanh(s / 2.0) * 2.0
+    s = s.masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), float("-inf"))
+    dense = torch.einsum("hqk,khd->qhd", torch.softmax(s, dim=-1), v)
+    torch.testing.assert_close(got, dense, atol=1e-5, rtol=1e-5)
+    plain = sink_window_attention_ref(q, kc, vc, table, req, sink_tokens=0, window_tokens=None, scale=0.5, rope=None)
+    assert (plain - got).abs().max() > 0.1

@@ -250,6 +250,8 @@ class PolicyImplBase(AttentionImpl):
     feature: ClassVar[str] = "KV policies"
     #: Whether it serves a model's own sliding-window layers (vLLM's window semantics).
     serves_sliding_window: ClassVar[bool] = False
+    #: Whether it serves attention logit soft-capping (Gemma-2), for position-pattern policies.
+    serves_softcap: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -266,10 +268,14 @@ class PolicyImplBase(AttentionImpl):
         sinks: torch.Tensor | None = None,
         **kwargs,
     ) -> None:
+        policy = active_policy()
+        if policy is None:
+            raise RuntimeError("vllm-kvstream: attention backend built without a KV policy in the config")
+        softcap_served = self.serves_softcap and not policy.selects_blocks
         unsupported = {
             "alibi_slopes": alibi_slopes is not None,
             "sliding_window (model-defined)": sliding_window is not None and not self.serves_sliding_window,
-            "logits_soft_cap": bool(logits_soft_cap),
+            "logits_soft_cap": bool(logits_soft_cap) and not softcap_served,
             "kv_sharing_target_layer_name": kv_sharing_target_layer_name is not None,
             "learned attention sinks": sinks is not None,
             f"kv_cache_dtype={kv_cache_dtype!r}": kv_cache_dtype != "auto",
@@ -277,19 +283,18 @@ class PolicyImplBase(AttentionImpl):
         bad = [name for name, present in unsupported.items() if present]
         if bad:
             raise NotImplementedError(
-                f"vllm-kvstream: {self.feature} do not support {', '.join(bad)} yet; "
-                "supported: decoder attention with plain RoPE and kv_cache_dtype='auto'."
+                f"vllm-kvstream: {self.feature} do not support {', '.join(bad)} yet (--kv-policy {policy.name}); "
+                "supported: decoder attention with a fixed-rotation RoPE and kv_cache_dtype='auto', logit "
+                "soft-capping with the position policies in vLLM's own layout (no --kv-quant, kv_pages=auto, CPU)."
             )
         self.num_heads = num_heads
         self.head_size = head_size
         self.sliding_window = sliding_window
+        self.logits_soft_cap = logits_soft_cap or None
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.attn_type = attn_type
         self.kv_sharing_target_layer_name = kv_sharing_target_layer_name
-        policy = active_policy()
-        if policy is None:
-            raise RuntimeError("vllm-kvstream: attention backend built without a KV policy in the config")
         from vllm.config import get_current_vllm_config_or_none
 
         self.engine_config = get_current_vllm_config_or_none()
@@ -322,9 +327,13 @@ def group_rope(vllm_config, layer_names) -> Rope:
 
 
 class KVStreamImpl(PolicyImplBase):
+    serves_softcap = True
+
     def _setup(self, kv_cache_dtype: str) -> None:
         n, d = self.num_heads, self.head_size
-        self.stock = StockImpl(n, d, self.scale, self.num_kv_heads, None, None, kv_cache_dtype, None, self.attn_type)
+        self.stock = StockImpl(
+            n, d, self.scale, self.num_kv_heads, None, None, kv_cache_dtype, self.logits_soft_cap, self.attn_type
+        )
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping) -> None:
         self.stock.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
@@ -351,7 +360,10 @@ class KVStreamImpl(PolicyImplBase):
             )
             return output
         if attn_metadata.decode is not None:
-            sink_window_decode(query, kv_cache, attn_metadata.decode, scale=self.scale, rope=self.rope, out=out)
+            sink_window_decode(
+                query, kv_cache, attn_metadata.decode, scale=self.scale, rope=self.rope, out=out,
+                softcap=self.logits_soft_cap,
+            )
         if attn_metadata.requests:
             key_cache, value_cache = split_cpu_kv_cache(kv_cache)
             pattern = self.policy.pattern
@@ -367,6 +379,7 @@ class KVStreamImpl(PolicyImplBase):
                 rope=self.rope,
                 rope_applied=True,
                 out=out,
+                softcap=self.logits_soft_cap,
             )
         return output
 
