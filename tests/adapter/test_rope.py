@@ -177,3 +177,26 @@ def test_attention_layer_kinds():
     assert attention_layer_kinds(llama) == (4, 0, None)
     qwen = SimpleNamespace(num_hidden_layers=2, sliding_window=4096, layer_types=["full_attention"] * 2)
     assert attention_layer_kinds(qwen) == (2, 0, None)
+
+
+def test_overrides_cover_fixed_rotations_only_and_are_stock_without_a_policy():
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.rotary_embedding import YaRNScalingRotaryEmbedding
+
+    from vllm_kvstream.adapter.plugin import register
+
+    register()
+    for name in ("RotaryEmbedding", "Llama3RotaryEmbedding", "YaRNScalingRotaryEmbedding", "DeepseekScalingRotaryEmbedding"):
+        assert name in op_registry_oot
+    for name in ("MRotaryEmbedding", "Llama4VisionRotaryEmbedding", "Gemma4RotaryEmbedding", "FourierRotaryEmbedding"):
+        assert name not in op_registry_oot  # their forward signatures differ: left exactly vLLM's
+    op = _op("yarn", **FIXED["yarn"])
+    assert type(op).__name__ == "KVStreamYaRNScalingRotaryEmbedding" and op.kvstream_rope is None
+    plain = object.__new__(YaRNScalingRotaryEmbedding)  # vLLM's own class, bypassing the override
+    YaRNScalingRotaryEmbedding.__init__(plain, D, D, 64, 10000.0, True, 4.0, torch.float32)
+    gen = torch.Generator().manual_seed(1)
+    q, k = torch.randn(6, 2 * D, generator=gen), torch.randn(6, 2 * D, generator=gen)
+    pos = torch.tensor([0, 1, 5, 60, 100, 255])
+    got = op.forward_native(pos, q.clone(), k.clone())
+    want = plain.forward_native(pos, q.clone(), k.clone())
+    assert all(torch.equal(a, b) for a, b in zip(got, want))

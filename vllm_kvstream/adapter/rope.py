@@ -29,9 +29,10 @@ sliding ones). Each attention implementation takes the op of its own layer:
 its parent module built just before (every vLLM model builds ``rotary_emb`` before ``attn``).
 
 How (monkeypatch, written down): ``CustomOp.register_oot`` replaces, by class name, vLLM's
-``RotaryEmbedding`` and each of its subclasses (``Llama3RotaryEmbedding``,
-``YaRNScalingRotaryEmbedding``, ``DeepseekScalingRotaryEmbedding``, ...) by a subclass of the
-same class that adds the policy behaviour. An instance built while no policy is configured is
+``RotaryEmbedding`` and each of its fixed-rotation relatives (``Llama3RotaryEmbedding``,
+``YaRNScalingRotaryEmbedding``, ``DeepseekScalingRotaryEmbedding``, ... and any subclass vLLM
+adds later, found at registration) by a subclass of the same class that adds the policy
+behaviour. An instance built while no policy is configured is
 the stock op in every respect (same methods, same dispatch). An instance built under a policy
 keeps the stock dispatch for positions in the table and takes over past it.
 
@@ -244,7 +245,10 @@ class _KVStreamRotary:
 
 
 def _rotary_classes() -> list[type]:
-    """vLLM's rotary op classes: ``RotaryEmbeddingBase`` and every subclass it defines."""
+    """vLLM's rotary op classes the plugin overrides: every subclass of ``RotaryEmbeddingBase``
+    except those known not to be fixed rotations (M-RoPE, vision RoPE, ...: their config is
+    refused under a policy, and without one they must stay exactly vLLM's classes, whose
+    ``forward_native`` signatures differ)."""
     probe("vllm.model_executor.layers.rotary_embedding")  # imports every variant's module
     base = probe("vllm.model_executor.layers.rotary_embedding.base:RotaryEmbeddingBase")
     found, todo = [], [base]
@@ -254,7 +258,7 @@ def _rotary_classes() -> list[type]:
             if sub not in found and not issubclass(sub, _KVStreamRotary):
                 found.append(sub)
                 todo.append(sub)
-    return found
+    return [cls for cls in found if cls.__name__ not in _UNFIXED_CLASSES]
 
 
 def register_rope_override() -> None:
