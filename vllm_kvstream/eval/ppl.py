@@ -152,7 +152,8 @@ def token_logprobs(
 
 def write_blocks(out_dir: Path, blocks: dict[str, dict]) -> None:
     """``ppl_blocks.csv``: per run, the KV blocks held against tokens computed (flat for a
-    bounded policy), and its peak and the blocks left after the stream."""
+    bounded policy), and its peak and the blocks left after the stream. Read from vLLM's pool
+    after every engine step: a stream prefilled and finished within one step shows 0."""
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "ppl_blocks.csv").open("w", newline="") as f:
         w = csv.writer(f)
