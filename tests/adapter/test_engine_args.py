@@ -67,3 +67,34 @@ def test_off_cpu_a_policy_runs_eagerly_and_topk_is_refused(tiny_model, monkeypat
     args = EngineArgs(model=tiny_model, additional_config={"kv_policy": "streaming-sink"})
     ea.prepare_engine_args(args)
     assert not args.enforce_eager
+
+
+def _engine_config(model, policy="streaming-sink"):
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvstream.adapter.plugin import register
+
+    register()  # the wrapped create_engine_config, as in every vLLM process
+    cfg = {"kv_policy": policy, "kv_policy_config": {"sink_tokens": 4, "window_tokens": 124}}
+    return EngineArgs(model=model, dtype="float32", block_size=32, additional_config=cfg).create_engine_config()
+
+
+def test_engine_config_says_what_a_policy_does_on_sliding_window_models(caplog):
+    import logging
+
+    from vllm_kvstream.models import build_tiny_family
+
+    with caplog.at_level(logging.INFO, logger="vllm_kvstream"):
+        _engine_config(str(build_tiny_family("mistral-sliding")))
+    assert "every attention layer of this model is sliding-window (64 tokens): vLLM already bounds its KV cache" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="vllm_kvstream"):
+        _engine_config(str(build_tiny_family("gemma3")))
+    assert "1 full-attention layers follow --kv-policy streaming-sink; 5 sliding-window layers (64 tokens)" in caplog.text
+
+
+def test_engine_config_refuses_longrope_naming_it():
+    from vllm_kvstream.models import build_tiny_family
+
+    with pytest.raises(KVStreamConfigError, match="rope_type 'longrope': it switches between short and long factors"):
+        _engine_config(str(build_tiny_family("phi3-longrope")))
