@@ -34,7 +34,9 @@ How it is selected (monkeypatch, written down): on CPU the platform always answe
 while the config being served names a policy, decoder attention resolves to
 :class:`KVStreamBackend`, or ``quant_attention.KVStreamQuantBackend`` where the blocks live
 in the plugin's pages (``kv_manager.plugin_pages``); with no policy the wrapper returns the
-platform's answer untouched. The same wrapper serves the CUDA platform (vLLM 0.33), whose
+platform's answer untouched. A model's own sliding-window layers (Mistral, Gemma-2/3) keep
+vLLM's semantics: the platform's backend where blocks stay in vLLM's layout, the paged backend
+(reading just the window) where they live in the plugin's pages, so one model has one page size. The same wrapper serves the CUDA platform (vLLM 0.33), whose
 choice it overrides the same way (the selector still validates the class it is handed).
 Upstream change that would remove it: a platform honouring a backend chosen per KV-cache
 spec kind by plugins (``attention_config.backend_per_kind`` exists but the CPU platform
