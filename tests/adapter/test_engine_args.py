@@ -98,3 +98,17 @@ def test_engine_config_refuses_longrope_naming_it():
 
     with pytest.raises(KVStreamConfigError, match="rope_type 'longrope': it switches between short and long factors"):
         _engine_config(str(build_tiny_family("phi3-longrope")))
+
+
+def test_engine_config_refuses_mla(monkeypatch):
+    """A DeepSeek-style MLA model would leave the policy silently inert: refused, named."""
+    from types import SimpleNamespace
+
+    from vllm_kvstream.adapter.engine_args import check_engine_config
+
+    config = SimpleNamespace(
+        additional_config={"kv_policy": "streaming-sink"},
+        model_config=SimpleNamespace(use_mla=True, hf_text_config=SimpleNamespace(rope_parameters={"rope_type": "deepseek_yarn"})),
+    )
+    with pytest.raises(KVStreamConfigError, match="does not support multi-head latent attention"):
+        check_engine_config(config)

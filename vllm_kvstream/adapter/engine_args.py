@@ -186,6 +186,13 @@ def check_engine_config(vllm_config) -> None:
     from vllm_kvstream.adapter.rope import check_rope_config
 
     check_rope_config(hf)  # before the model is built: a RoPE the policy cannot serve is refused here
+    if getattr(vllm_config.model_config, "use_mla", False):
+        # MLA layers (DeepSeek-V2/V3) keep a latent cache the plugin's backends do not read:
+        # the policy would be silently inert, so it is refused.
+        raise KVStreamConfigError(
+            f"--kv-policy {policy.name!r} does not support multi-head latent attention (MLA, "
+            f"{type(hf).__name__}); supported: models with ordinary multi-head / grouped-query attention"
+        )
     full, sliding, window = attention_layer_kinds(hf)
     if sliding and not full:
         logger.warning(
