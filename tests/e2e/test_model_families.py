@@ -15,6 +15,7 @@ import random
 import pytest
 
 from tests.e2e.conftest import policy_config, run_engine
+from tests.e2e.greedy_compare import assert_greedy_agree
 
 pytestmark = pytest.mark.e2e
 
@@ -84,16 +85,22 @@ def test_family_streams_past_its_trained_context(family_model, family):
     inside = {
         "tag": "inside",
         "prompts": [[rng.randrange(100, 40000) for _ in range(n)] for n in (7, 40)],
-        "sampling": {"max_tokens": 48, "temperature": 0.0, "ignore_eos": True, "logprobs": 0},
+        "sampling": {"max_tokens": 48, "temperature": 0.0, "ignore_eos": True, "logprobs": 2},
     }
     assert 40 + 48 < SINK + WINDOW  # nothing evicted: the plugin runs vLLM's kernel unchanged
-    stock = run_engine(_engine(model), [inside])["jobs"][0]
+    stock_run = run_engine(_engine(model), [inside])
+    stock = stock_run["jobs"][0]
     plugin = run_engine(_engine(model, _sink()), [inside, *_stream_jobs(rng)])
     ours = plugin["jobs"][0]
+    same_kernel = stock_run["attn_isa"] == plugin["attn_isa"]
     for a, b in zip(stock["results"], ours["results"]):
-        # Exact equality is valid here: the same kernel on the same float32 numbers.
-        assert a["token_ids"] == b["token_ids"]
-        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-4
+        if same_kernel:
+            # Exact equality is valid here: the same kernel (ISA) on the same float32 numbers.
+            assert a["token_ids"] == b["token_ids"]
+            assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) < 1e-4
+        else:
+            # The stock builder chose an ISA the plugin does not read (it pinned vec): two kernels.
+            assert_greedy_agree(a, b, tol=1e-3, min_compared=8, label=f"{stock_run['attn_isa']} vs {plugin['attn_isa']}")
     assert plugin["max_model_len"] >= 8 * TRAINED  # raised past the trained context by the policy
     _check_stream(plugin["jobs"][1:])
 
