@@ -147,7 +147,14 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from transformers import AutoTokenizer
 
     from vllm_kvstream.data import load_text
-    from vllm_kvstream.eval.ppl import plan_runs, token_logprobs, write_blocks, write_outputs
+    from vllm_kvstream.eval.ppl import (
+        load_checkpoint,
+        plan_runs,
+        save_checkpoint,
+        token_logprobs,
+        write_blocks,
+        write_outputs,
+    )
 
     model = _model(args.model)
     runs = plan_runs(args.policies, args.caches)
@@ -161,15 +168,24 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     blocks: dict[str, dict] = {}
     out = args.out or Path("kvstream-eval") / "ppl"
     summary = {}
+    settings = {"dtype": args.dtype, "chunk": args.chunk, "block_size": args.block_size}
     for run in runs:
         stream = tokens if run.cache is not None else tokens[: args.full_tokens or len(tokens)]
-        bar = _Bar(run.label)
-        blocks[run.label] = {}
-        try:
-            results[run.label] = token_logprobs(model, stream, run, dtype=args.dtype, chunk=args.chunk,
-                                                block_size=args.block_size, progress=bar, blocks=blocks[run.label])
-        finally:
-            bar.close()
+        # A run that finished before (an interrupted evaluation started again) is read back,
+        # not recomputed: each run is kept in OUT/runs/ as soon as it ends.
+        saved = load_checkpoint(out, model, stream, run, settings)
+        if saved is not None:
+            log.info("%s: resumed from %s", run.label, out / "runs")
+            results[run.label], blocks[run.label] = saved["logprobs"], saved["blocks"]
+        else:
+            bar = _Bar(run.label)
+            blocks[run.label] = {}
+            try:
+                results[run.label] = token_logprobs(model, stream, run, dtype=args.dtype, chunk=args.chunk,
+                                                    block_size=args.block_size, progress=bar, blocks=blocks[run.label])
+            finally:
+                bar.close()
+            save_checkpoint(out, model, stream, run, settings, results[run.label], blocks[run.label])
         write_blocks(out, blocks)
         log.info("%s: peak %d KV blocks held (every group), %d after the stream", run.label,
                  blocks[run.label]["peak"], blocks[run.label]["after"])

@@ -84,6 +84,17 @@ def test_cli_ppl_writes_table_csv_and_plot(tmp_path):
     assert (out / "ppl.png").stat().st_size > 10_000
     rows = (out / "ppl_segments.csv").read_text().splitlines()
     assert len(rows) == 1 + 2 * 6
+    blocks = (out / "ppl_blocks.csv").read_text().splitlines()
+    assert blocks[0] == "run,tokens_computed,kv_blocks,rss_mib,peak_kv_blocks,kv_blocks_after"
+    # Started again (as after an interruption): every finished run is read back, not recomputed,
+    # and the outputs are the same; a run with other settings is computed afresh.
+    again = run_cli("eval", "ppl", "--policies", "sliding-window,streaming-sink,full", "--caches", "4+124",
+                    "--block-size", "32", "--tokens", "768", "--segment", "128", "--tail", "256", "--chunk", "256",
+                    "--full-tokens", "256", "--out", str(out))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("resumed from") == 2 and "full: resumed" not in again.stderr
+    assert (out / "ppl_segments.csv").read_text().splitlines()[: len(rows)] == rows
+    assert "| full | 256 |" in again.stdout
 
 
 @pytest.mark.slow

@@ -133,3 +133,20 @@ def test_leading_special_tokens_are_the_tokenizers_bos():
 
     assert leading_special_tokens(Bos()) == [2]
     assert leading_special_tokens(CharTokenizer()) == []
+
+
+def test_checkpoint_round_trip_and_refusal_of_another_stream(tmp_path):
+    from vllm_kvstream.eval.ppl import Run, checkpoint_path, load_checkpoint, save_checkpoint
+
+    run = Run("streaming-sink", None, {"sink_tokens": 4, "window_tokens": 60})
+    settings = {"dtype": "float32", "chunk": 256, "block_size": 32}
+    model = tmp_path / "model"
+    blocks = {"series": [[256, 9, 812.5]], "peak": 9, "after": 0}
+    path = save_checkpoint(tmp_path, model, [1, 2, 3], run, settings, [-1.0, -2.0], blocks)
+    assert path == checkpoint_path(tmp_path, run.label) and not path.with_suffix(".tmp").exists()
+    assert load_checkpoint(tmp_path, model, [1, 2, 3], run, settings) == {"logprobs": [-1.0, -2.0], "blocks": blocks}
+    assert load_checkpoint(tmp_path, model, [1, 2, 4], run, settings) is None  # another stream
+    assert load_checkpoint(tmp_path, model, [1, 2, 3], run, {**settings, "chunk": 512}) is None
+    assert load_checkpoint(tmp_path, tmp_path / "other", [1, 2, 3], run, settings) is None
+    path.write_text("{not json")
+    assert load_checkpoint(tmp_path, model, [1, 2, 3], run, settings) is None

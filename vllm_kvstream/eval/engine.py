@@ -119,6 +119,15 @@ def leading_special_tokens(tokenizer) -> list[int]:
     return list(tokenizer.encode("", add_special_tokens=True))
 
 
+def rss_mib() -> float:
+    """Resident memory of this process in MiB (Linux ``/proc``; NaN elsewhere)."""
+    try:
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def _report(done: int, total: int) -> None:
     sys.stderr.write(f"{PROGRESS} {done} {total}\n")
     sys.stderr.flush()
@@ -140,7 +149,9 @@ def _prompt_logprobs(llm, job: dict[str, Any]) -> dict[str, Any]:
     result = None
     last = 0.0
     peak = 0
-    blocks: list[tuple[int, int]] = []  # (tokens computed, KV blocks in use: every group, vLLM's pool)
+    # (tokens computed, KV blocks in use: every group, vLLM's pool; resident memory of this
+    # process, which runs the engine core and the worker: VLLM_ENABLE_V1_MULTIPROCESSING=0)
+    blocks: list[tuple[int, int, float]] = []
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
@@ -150,7 +161,7 @@ def _prompt_logprobs(llm, job: dict[str, Any]) -> dict[str, Any]:
         if time.monotonic() - last > 2.0:
             last = time.monotonic()
             done = _computed_tokens(engine)
-            blocks.append((done, used))
+            blocks.append((done, used, rss_mib()))
             _report(done, len(tokens))
     _report(len(tokens), len(tokens))
     return {"logprobs": result, "blocks": blocks, "peak_blocks": peak,

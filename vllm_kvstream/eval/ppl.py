@@ -15,6 +15,7 @@ log-perplexity), ``ppl_summary.csv`` and ``ppl_summary.md`` (overall and last-8K
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -157,10 +158,46 @@ def write_blocks(out_dir: Path, blocks: dict[str, dict]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "ppl_blocks.csv").open("w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["run", "tokens_computed", "kv_blocks", "peak_kv_blocks", "kv_blocks_after"])
+        w.writerow(["run", "tokens_computed", "kv_blocks", "rss_mib", "peak_kv_blocks", "kv_blocks_after"])
         for label, b in blocks.items():
-            for done, used in b["series"]:
-                w.writerow([label, done, used, b["peak"], b["after"]])
+            for done, used, rss in b["series"]:
+                w.writerow([label, done, used, f"{rss:.1f}", b["peak"], b["after"]])
+
+
+def checkpoint_path(out_dir: Path, label: str) -> Path:
+    """Where a run's per-token log-probs are kept once it finished (``runs/LABEL.json``)."""
+    safe = "".join(c if c.isalnum() or c in "+-_." else "_" for c in label)
+    return out_dir / "runs" / f"{safe}.json"
+
+
+def _checkpoint_key(model: Path, tokens: Sequence[int], run: Run, settings: dict) -> dict:
+    digest = hashlib.sha256(json.dumps(list(tokens)).encode()).hexdigest()
+    return {"label": run.label, "model": str(model), "tokens": len(tokens), "sha256": digest,
+            "params": run.params, "quant": run.quant, **settings}
+
+
+def load_checkpoint(out_dir: Path, model: Path, tokens: Sequence[int], run: Run, settings: dict) -> dict | None:
+    """A finished run's ``{"logprobs", "blocks"}`` saved by :func:`save_checkpoint` for exactly
+    this model, stream, run and settings; ``None`` if there is none (or it is for others)."""
+    path = checkpoint_path(out_dir, run.label)
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if saved.get("key") != _checkpoint_key(model, tokens, run, settings):
+        return None
+    return {"logprobs": saved["logprobs"], "blocks": saved["blocks"]}
+
+
+def save_checkpoint(out_dir: Path, model: Path, tokens: Sequence[int], run: Run, settings: dict,
+                    logprobs: list[float], blocks: dict) -> Path:
+    """Keep a finished run (written to a temporary file, then renamed: never half written)."""
+    path = checkpoint_path(out_dir, run.label)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": _checkpoint_key(model, tokens, run, settings), "logprobs": logprobs, "blocks": blocks}))
+    tmp.replace(path)
+    return path
 
 
 def perplexity(logprobs: Sequence[float]) -> float:
