@@ -53,13 +53,19 @@ class Rope:
     @classmethod
     def from_table(cls, table: torch.Tensor, rotary_dim: int, is_neox_style: bool) -> Rope:
         """The fixed rotation a rotary op's float32 ``cos | sin`` table holds: per channel pair
-        the frequency (least squares over the unwrapped angles of every row, then snapped to the
+        the frequency (least squares over the unwrapped angles of its rows, then snapped to the
         float32 value the op computed it as) and the common magnitude ``mscale``. Raises
         ``ValueError`` naming the row and channel where the table is not ``mscale * (cos, sin)(p *
         theta)``: such an op is not a fixed rotation and cache-relative positions cannot serve it."""
         if table.dim() != 2 or table.shape[1] != rotary_dim or rotary_dim % 2 or table.shape[0] < 2:
             raise ValueError(f"a RoPE table of shape [positions >= 2, {rotary_dim}] is needed, got {list(table.shape)}")
-        t = table.double()
+        # Long tables (Llama-3.1: 131072 rows) are read at every row up to 4096 and at 61440
+        # rows spread over the rest: the same fit and check for a fraction of the memory.
+        n = table.shape[0]
+        rows = torch.arange(n)
+        if n > 65536:
+            rows = torch.cat((rows[:4096], torch.linspace(4096, n - 1, 61440).round().long())).unique()
+        t = table.index_select(0, rows).double()
         half = rotary_dim // 2
         c, s = t[:, :half], t[:, half:]
         mag = torch.hypot(c, s)
@@ -68,18 +74,18 @@ class Rope:
             mscale = 1.0
         bad = (mag - mscale).abs() > 1e-4 * max(mscale, 1e-12)
         if bool(bad.any()):
-            row, ch = (int(x) for x in torch.nonzero(bad)[0])
+            i, ch = (int(x) for x in torch.nonzero(bad)[0])
             raise ValueError(
-                f"the table's magnitude varies with position (row {row}, channel {ch}: "
-                f"{float(mag[row, ch]):.6g} vs {mscale:.6g}): not a fixed rotation"
+                f"the table's magnitude varies with position (row {int(rows[i])}, channel {ch}: "
+                f"{float(mag[i, ch]):.6g} vs {mscale:.6g}): not a fixed rotation"
             )
         angle = torch.atan2(s, c)
-        pos = torch.arange(t.shape[0], dtype=torch.float64)[:, None]
+        pos = rows.to(torch.float64)[:, None]
         theta = angle[1].clone()
-        for rows in (min(64, t.shape[0]), min(4096, t.shape[0]), t.shape[0]):
-            p = pos[:rows]
-            turns = torch.round((p * theta - angle[:rows]) / (2 * math.pi))
-            unwrapped = angle[:rows] + 2 * math.pi * turns
+        for upto in (min(64, t.shape[0]), min(4096, t.shape[0]), t.shape[0]):
+            p = pos[:upto]
+            turns = torch.round((p * theta - angle[:upto]) / (2 * math.pi))
+            unwrapped = angle[:upto] + 2 * math.pi * turns
             theta = (p * unwrapped).sum(0) / (p * p).sum()
         for candidate in (theta.float().double(), theta):  # the float32 value the op used, if it fits
             # A float32 table is exact to rounding of its float32 angles: a few ulps of p * theta.
@@ -88,10 +94,10 @@ class Rope:
             if not bool(off.any()):
                 break
         else:
-            row, ch = (int(x) for x in torch.nonzero(off)[0])
+            i, ch = (int(x) for x in torch.nonzero(off)[0])
             raise ValueError(
-                f"the table's angle at row {row}, channel {ch} is off the best fixed frequency "
-                f"{float(theta[ch]):.9g} by {float(residual[row, ch]):.3g} rad: not a fixed rotation"
+                f"the table's angle at row {int(rows[i])}, channel {ch} is off the best fixed frequency "
+                f"{float(theta[ch]):.9g} by {float(residual[i, ch]):.3g} rad: not a fixed rotation"
             )
         unit = (table.float() / mscale) if mscale != 1.0 else table.float()
         return cls(rotary_dim, is_neox_style, unit.contiguous(), candidate, mscale)

@@ -200,3 +200,15 @@ def test_overrides_cover_fixed_rotations_only_and_are_stock_without_a_policy():
     got = op.forward_native(pos, q.clone(), k.clone())
     want = plain.forward_native(pos, q.clone(), k.clone())
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_long_tables_are_fitted_from_a_sample_and_still_checked():
+    """Llama-3.1-sized tables (131072 rows) are read at a sample of rows: the frequencies are
+    still the op's float32 values, and a tail that is another rotation is still refused."""
+    long = Rope.from_base(128, 500000.0, 131072)
+    fitted = Rope.from_table(long.cos_sin_cache, 128, True)
+    assert torch.equal(fitted.inv_freq, long.inv_freq) and torch.equal(fitted.cos_sin_cache, long.cos_sin_cache)
+    tail = long.cos_sin_cache.clone()
+    tail[100_000:] = Rope.from_base(128, 10000.0, 131072).cos_sin_cache[100_000:]
+    with pytest.raises(ValueError, match="not a fixed rotation"):
+        Rope.from_table(tail, 128, True)
