@@ -141,6 +141,12 @@ def plan_quant_step(
     return positions, requests, needed, table
 
 
+def model_window(sliding_window: int) -> AttentionPattern:
+    """A model's own sliding-window layer, vLLM's semantics: the last ``sliding_window`` tokens
+    up to the query, no sinks (its builder and its layers read the same pattern)."""
+    return AttentionPattern(sink_tokens=0, window_tokens=sliding_window)
+
+
 class KVStreamQuantBuilder(AttentionMetadataBuilder[QuantStepMetadata]):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -148,8 +154,8 @@ class KVStreamQuantBuilder(AttentionMetadataBuilder[QuantStepMetadata]):
             raise RuntimeError("vllm-kvstream: the paged backend was given a KV spec in vLLM's own layout")
         self.block_size = kv_cache_spec.block_size
         self.store = None
-        if isinstance(kv_cache_spec, KVStreamSlidingSpec):  # the model's own window, vLLM's semantics
-            self.pattern = AttentionPattern(sink_tokens=0, window_tokens=kv_cache_spec.sliding_window)
+        if isinstance(kv_cache_spec, KVStreamSlidingSpec):
+            self.pattern = model_window(kv_cache_spec.sliding_window)
             return
         policy = kv_cache_spec.policy
         self.pattern = policy.pattern
@@ -255,12 +261,7 @@ class KVStreamQuantImpl(PolicyImplBase):
     serves_sliding_window = True
 
     def _setup(self, kv_cache_dtype: str) -> None:
-        # A model's own sliding-window layer: vLLM's window (the last ``sliding_window`` tokens
-        # up to the query), no sinks; every other layer: the policy's pattern.
-        self.pattern = (
-            AttentionPattern(sink_tokens=0, window_tokens=self.sliding_window)
-            if self.sliding_window is not None else self.policy.pattern
-        )
+        self.pattern = model_window(self.sliding_window) if self.sliding_window is not None else self.policy.pattern
         self.quant = active_quant()  # None: 16-bit pages
         layout = page_layout(
             self.quant, active_pages(), self.head_size, self.engine_config.cache_config.block_size,
