@@ -52,6 +52,7 @@ from vllm_kvstream.loadgen import (
     StreamTimer,
     chat_body,
     check_loopback,
+    check_run_options,
     completion_body,
     sse_payloads,
 )
@@ -159,11 +160,16 @@ def _setup(environment, **_kw) -> None:
             short_prompt_tokens=o.short_prompt_tokens, short_output_tokens=o.short_output_tokens,
             chat_turn_tokens=o.chat_turn_tokens, chat_output_tokens=o.chat_output_tokens, chat_turns=o.chat_turns,
         )
-        if o.max_requests < 1 or o.max_seconds <= 0 or o.drain_seconds < 0:
-            raise LoadSpecError(f"--max-requests={o.max_requests} and --max-seconds={o.max_seconds} must be > 0, "
-                                f"--drain-seconds={o.drain_seconds} >= 0")
-        if o.arrival_rate < 0 or o.max_inflight < 1:
-            raise LoadSpecError(f"--arrival-rate={o.arrival_rate} must be >= 0 and --max-inflight={o.max_inflight} >= 1")
+        check_run_options(max_requests=o.max_requests, max_seconds=o.max_seconds, drain_seconds=o.drain_seconds,
+                          arrival_rate=o.arrival_rate, max_inflight=o.max_inflight, seed=o.seed, model=o.model,
+                          text=o.text, records=o.records)
+        if o.records:
+            try:
+                open(o.records, "a").close()
+            except (OSError, ValueError) as exc:  # ValueError: a NUL in the path
+                raise LoadSpecError(f"--records {o.records!r} cannot be opened for appending "
+                                    f"({getattr(exc, 'strerror', None) or exc}); "
+                                    "allowed: a writable file path") from None
     except LoadSpecError as exc:
         _fail_setup(environment, str(exc))
         return

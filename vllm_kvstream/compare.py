@@ -32,8 +32,6 @@ import json
 import logging
 import math
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -44,6 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vllm_kvstream.loadgen import read_records, summarize
+from vllm_kvstream.server import LocalServer, free_port, wait_healthy  # noqa: F401 (re-exported)
 
 log = logging.getLogger("vllm_kvstream.compare")
 
@@ -89,13 +88,12 @@ def plan_serve_runs(policies: Sequence[str], cache) -> list[ServeRun]:
             if run.quant:
                 flags += ["--kv-quant", run.quant["kv_quant"], "--kv-quant-config", json.dumps(run.quant.get("kv_quant_config", {}))]
             out.append(ServeRun(run.label, tuple(flags)))
+    labels = [run.label for run in out]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:  # one server log and one set of stages per label
+        raise ValueError(f"run {repeated[0]!r} is planned twice in --policies {list(policies)}; "
+                         "allowed: each policy once")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -140,64 +138,23 @@ class Sampler(threading.Thread):
         return dict(self.peaks)
 
 
-def wait_healthy(proc: subprocess.Popen, url: str, timeout: float, where: str = "") -> None:
-    """Until ``url/health`` answers 200; ``RuntimeError`` (with ``where``) if ``proc`` exits or
-    ``timeout`` seconds pass first."""
-    deadline = time.time() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"vllm serve exited with {proc.returncode}; {where}")
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.time() > deadline:
-            raise RuntimeError(f"vllm serve not healthy after {timeout:.0f} s; {where}")
-        time.sleep(1)
-
-
 def max_model_len(args) -> int:
     """The longest stream of the run (a bound for every policy, so stock vLLM starts in a KV
     memory smaller than the model's trained context)."""
     return max([*args.lengths, args.long_prompt_tokens]) + args.output_tokens + 16
 
 
-class Server:
+class Server(LocalServer):
     """``vllm serve`` on 127.0.0.1 for one policy; output to ``log_path``."""
 
     def __init__(self, model: str, run: ServeRun, args, log_path: Path) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        vllm = str(Path(sys.executable).with_name("vllm"))
-        self.cmd = [
-            vllm, "serve", model, "--served-model-name", "model", "--host", "127.0.0.1", "--port", str(self.port),
+        super().__init__(model, [
+            "--served-model-name", "model",
             "--dtype", args.dtype, "--block-size", str(args.block_size), "--max-num-batched-tokens", str(args.chunk),
             "--max-num-seqs", str(args.max_num_seqs), "--kv-cache-memory-bytes", str(args.kv_memory_mib * 2**20),
             "--max-model-len", str(max_model_len(args)),
             "--no-enable-prefix-caching", "--disable-uvicorn-access-log", *(["--enforce-eager"] if args.enforce_eager else []), *run.flags,
-        ]
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-
-    def __enter__(self) -> Server:
-        env = {k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}  # it overrides the flag
-        env["HF_HUB_OFFLINE"] = "1"
-        self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in __exit__)
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        wait_healthy(self.proc, self.url, 600, f"see {self.log_path}")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
+        ], log_path)
 
 
 @dataclass

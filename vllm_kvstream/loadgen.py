@@ -43,6 +43,29 @@ def check_loopback(url: str) -> str:
     return url
 
 
+def check_run_options(*, max_requests: int, max_seconds: float, drain_seconds: float, arrival_rate: float,
+                      max_inflight: int, seed: int = 0, model: str = "", text: str = "austen", records: str = "") -> None:
+    """The bounds of a locust run (``loadtest/locustfile.py``'s options); ``LoadSpecError``
+    naming the option, its value and what is allowed. NaN and infinity are refused: a NaN
+    passes every comparison unnoticed, and an infinite time bound is no bound. The types are
+    checked too: Python 3.11's argparse reads ``--model=--`` as ``[]`` without a word."""
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise LoadSpecError(f"--seed={seed!r} is not allowed; allowed: integers")
+    for flag, value in (("--model", model), ("--text", text), ("--records", records)):
+        if not isinstance(value, str):
+            raise LoadSpecError(f"{flag}={value!r} is not allowed; allowed: text")
+    for flag, value, low in (("--max-requests", max_requests, 1), ("--max-inflight", max_inflight, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise LoadSpecError(f"{flag}={value!r} is not allowed; allowed: integers >= {low}")
+    for flag, value, low_open in (("--max-seconds", max_seconds, True), ("--drain-seconds", drain_seconds, False),
+                                  ("--arrival-rate", arrival_rate, False)):
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+              and (value > 0 if low_open else value >= 0))
+        if not ok:
+            raise LoadSpecError(f"{flag}={value!r} is not allowed; allowed: finite numbers {'>' if low_open else '>='} 0"
+                                + (" (0: fixed concurrency)" if flag == "--arrival-rate" else ""))
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     """What each request of a run looks like (validated; the locustfile builds it from its
@@ -69,7 +92,7 @@ class LoadSpec:
         for name in ("long_prompt_tokens", "long_output_tokens", "short_prompt_tokens", "short_output_tokens",
                      "chat_turn_tokens", "chat_output_tokens", "chat_turns"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LoadSpecError(f"{name}={value!r} must be an integer >= 1")
 
     def pick_kind(self, rng: random.Random) -> str:

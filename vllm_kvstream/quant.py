@@ -21,7 +21,6 @@ Unquantized, a policy's blocks are stored one of two ways (``kv_pages`` in
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -94,19 +93,19 @@ class KVQuant:
 def parse_quant(method: Any, params: Any = None) -> KVQuant | None:
     """Validate ``kv_quant`` / ``kv_quant_config`` (``method=None``: not quantized)."""
     if method is None:
-        if params:
+        if params is not None and not (isinstance(params, Mapping) and not params):  # only an empty mapping says nothing
             raise KVStreamConfigError(
                 f"{QUANT_PARAMS_KEY}={params!r} was given without {QUANT_KEY}; allowed: {', '.join(QUANT_METHODS)}"
             )
         return None
-    if method not in QUANT_METHODS:
+    if not isinstance(method, str) or method not in QUANT_METHODS:
         raise KVStreamConfigError(f"--kv-quant {method!r} is not supported; allowed: {', '.join(QUANT_METHODS)}")
     if params is not None and not isinstance(params, Mapping):
         raise KVStreamConfigError(f"{QUANT_PARAMS_KEY} must be a mapping of option names to values, got {params!r}")
     try:
         config = KVQuantConfig.model_validate(dict(params or {}))
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors())
+        problems = "; ".join(_describe_error(e) for e in exc.errors())
         allowed = ", ".join(f"{k} ({f.description})" for k, f in KVQuantConfig.model_fields.items())
         raise KVStreamConfigError(f"invalid {QUANT_PARAMS_KEY}: {problems}. Allowed: {allowed}.") from None
     quant = KVQuant(method, config)
@@ -119,25 +118,52 @@ def parse_quant(method: Any, params: Any = None) -> KVQuant | None:
     return quant
 
 
+def additional_config_mapping(additional_config: Any) -> Mapping[str, Any]:
+    """``additional_config`` as the mapping the plugin reads its keys from (``{}``: none given).
+
+    vLLM also accepts an object with ``compute_hash`` (``SupportsHash``) there: it holds no
+    plugin keys, so the plugin stays inert. Anything else is refused naming it."""
+    if additional_config is None:
+        return {}
+    if isinstance(additional_config, Mapping):
+        return additional_config
+    if callable(getattr(additional_config, "compute_hash", None)):
+        return {}
+    raise KVStreamConfigError(
+        f"additional_config must be a JSON object (a mapping) like '{{\"{QUANT_KEY}\": \"int4\"}}', "
+        f"got {additional_config!r}"
+    )
+
+
+def _describe_error(err: dict[str, Any]) -> str:
+    loc = ".".join(map(str, err["loc"])) if err.get("loc") else None
+    if err.get("type") == "extra_forbidden":  # names quoted: a key may be '' or hold a newline
+        return f"unknown option {loc!r} (got {err.get('input')!r})"
+    if err.get("type") == "invalid_key":
+        return f"option name {err.get('input')!r} is not a string"
+    return f"{loc or 'value'}: {err['msg']} (got {err.get('input')!r})"
+
+
 def quant_from_additional_config(additional_config: Mapping[str, Any] | None) -> KVQuant | None:
+    additional_config = additional_config_mapping(additional_config)
     if not additional_config:
         return None
     params = additional_config.get(QUANT_PARAMS_KEY)
     if isinstance(params, str):
-        try:
-            params = json.loads(params)
-        except json.JSONDecodeError as exc:
-            raise KVStreamConfigError(f"--kv-quant-config must be a JSON object, got {params!r} ({exc.msg})") from None
+        from vllm_kvstream.settings import parse_params_json  # settings imports this module
+
+        params = parse_params_json(params, flag="--kv-quant-config")
     return parse_quant(additional_config.get(QUANT_KEY), params)
 
 
 def pages_from_additional_config(additional_config: Mapping[str, Any] | None) -> str:
     """``kv_pages`` (module docstring), validated against ``kv_quant``: quantized blocks are
     always the plugin's pages, so only ``auto`` goes with ``kv_quant``."""
-    mode = (additional_config or {}).get(PAGES_KEY, "auto")
-    if mode not in PAGE_MODES:
+    additional_config = additional_config_mapping(additional_config)
+    mode = additional_config.get(PAGES_KEY, "auto")
+    if not isinstance(mode, str) or mode not in PAGE_MODES:
         raise KVStreamConfigError(f"{PAGES_KEY}={mode!r} is not supported; allowed: {', '.join(PAGE_MODES)}")
-    if mode != "auto" and (additional_config or {}).get(QUANT_KEY) is not None:
+    if mode != "auto" and additional_config.get(QUANT_KEY) is not None:
         raise KVStreamConfigError(
             f"{PAGES_KEY}={mode!r} with --kv-quant {additional_config[QUANT_KEY]!r}: quantized blocks are the "
             f"plugin's pages already; allowed with --kv-quant: {PAGES_KEY}='auto'"

@@ -20,18 +20,31 @@ from typing import Any
 
 from vllm_kvstream.errors import KVStreamConfigError
 from vllm_kvstream.policies import KVPolicy, available_policies, build_policy
-from vllm_kvstream.quant import QUANT_KEY
+from vllm_kvstream.quant import QUANT_KEY, additional_config_mapping
 
 POLICY_KEY = "kv_policy"
 PARAMS_KEY = "kv_policy_config"
 
 
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} is given twice")
+        out[key] = value
+    return out
+
+
 def parse_params_json(text: str, flag: str = "--kv-policy-config") -> dict[str, Any]:
     """Parse the JSON object of ``--kv-policy-config`` (or ``flag``)."""
+    if not isinstance(text, str):
+        raise KVStreamConfigError(f"{flag} must be a JSON object given as text, got {text!r}")
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_object_without_duplicates)
     except json.JSONDecodeError as exc:
         raise KVStreamConfigError(f"{flag} must be a JSON object, got {text!r} ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # a repeated key, an integer of > 4300 digits, nesting too deep
+        raise KVStreamConfigError(f"{flag} must be a JSON object, got {text!r} ({exc})") from None
     if not isinstance(value, dict):
         raise KVStreamConfigError(f"{flag} must be a JSON object like '{{\"sink_tokens\": 4}}', got {text!r}")
     return value
@@ -40,6 +53,7 @@ def parse_params_json(text: str, flag: str = "--kv-policy-config") -> dict[str, 
 def policy_from_additional_config(additional_config: Mapping[str, Any] | None) -> KVPolicy | None:
     """The policy ``additional_config`` asks for, validated; ``None`` when none is asked for
     (the plugin is then inert)."""
+    additional_config = additional_config_mapping(additional_config)
     if not additional_config:
         return None
     name = additional_config.get(POLICY_KEY)

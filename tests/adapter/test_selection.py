@@ -52,13 +52,18 @@ def _stock_attention(query, kc, vc, reqs, out, rope):
 
 
 def _stream(reuse: bool, score: str, seed: int = 0, batch_decode: bool = True, decay: float = 1.0,
-            budget: int = 48):
+            budget: int = 48, kv_heads: slice = slice(None), rank_sum=None, trajectory: list | None = None):
+    """``kv_heads``: the KV heads this store holds (and their query heads), as one
+    tensor-parallel rank holds them; ``rank_sum`` its ``tensor_parallel.RankSum``.
+    ``trajectory``: appended each step's kept blocks per request."""
     policy = build_policy("topk-importance", {"budget_tokens": budget, "sink_tokens": 3, "recent_tokens": 12, "score": score, "decay": decay})
-    kv = torch.zeros(200, HKV, BS, 2 * D)
+    kv_idx = torch.arange(HKV)[kv_heads]
+    q_idx = (kv_idx[:, None] * (HQ // HKV) + torch.arange(HQ // HKV)).flatten()
+    kv = torch.zeros(200, len(kv_idx), BS, 2 * D)
     kc, vc = split_cpu_kv_cache(kv)
     rope = Rope.from_base(D, 10000.0, 4096)
     sched = Scheduler(policy, 200, reuse)
-    store = SelectionStore(policy, BS, batch_decode=batch_decode)
+    store = SelectionStore(policy, BS, batch_decode=batch_decode, rank_sum=rank_sum)
     if not reuse:
         store._relocate = lambda *a, **k: None  # nothing is freed: read every block where it was written
     rng = random.Random(seed)
@@ -81,9 +86,9 @@ def _stream(reuse: bool, score: str, seed: int = 0, batch_decode: bool = True, d
             n = min(lengths[rid] - computed[rid], rng.choice([1, 1, 1, 1, 1, 3, 8, 21]))
             row = sched.step(rid, computed[rid], n, poison)
             pos = torch.arange(computed[rid], computed[rid] + n)
-            k = rope.rotate(torch.randn(n, HKV, D, generator=gen), pos)
-            q = rope.rotate(torch.randn(n, HQ, D, generator=gen), pos)
-            v = torch.randn(n, HKV, D, generator=gen)
+            k = rope.rotate(torch.randn(n, HKV, D, generator=gen), pos)[:, kv_idx]
+            q = rope.rotate(torch.randn(n, HQ, D, generator=gen), pos)[:, q_idx]
+            v = torch.randn(n, HKV, D, generator=gen)[:, kv_idx]
             slots.append(torch.tensor(row)[pos // BS] * BS + pos % BS)
             qs.append(q), ks.append(k), vs.append(v)
             seq = computed[rid] + n
@@ -94,6 +99,8 @@ def _stream(reuse: bool, score: str, seed: int = 0, batch_decode: bool = True, d
         query = torch.cat(qs)
         out = torch.empty_like(query)
         step = store.begin_step(reqs)
+        if trajectory is not None:
+            trajectory.append([list(state.layers["layer0"].selection.kept) for _, state in step if state.layers])
         if store.reads_in_place(step):  # the backend runs the stock kernel, the store records
             _stock_attention(query, kc, vc, reqs, out, rope)
             store.record("layer0", query, kv, step, scale=1 / math.sqrt(D), rope=rope)

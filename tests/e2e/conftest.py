@@ -19,7 +19,9 @@ def run_engine(engine: dict, jobs: list[dict], timeout: int = 900, env: dict | N
     )
     if proc.returncode != 0:
         raise AssertionError(f"engine run failed ({proc.returncode}):\n{proc.stderr[-6000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    # The results are the runner's last JSON line; worker processes (tensor parallel) may
+    # still log a line to the shared stdout after it.
+    return json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{")))
 
 
 def policy_config(name: str, **params) -> dict:

@@ -49,6 +49,43 @@ def _attention_isas(engine):
     return sorted({layer.isa for layer in context.values() if getattr(layer, "isa", None)})
 
 
+#: What a block no request references is filled with: finite (kernels read the unwritten tail of
+#: a request's last block and mask it, and 0 x NaN would be NaN), far off any real key or value
+#: (a key of 1e4 in every channel outscores every real key, so one attended poisoned token takes
+#: the whole softmax and moves the log-probabilities by whole units).
+POISON = 1.0e4
+
+
+def _poison_freed_blocks(engine) -> dict:
+    """Fill every KV block with :data:`POISON` (all layers) the moment no request references it
+    any more. A freed block that vLLM would keep in the prefix cache is dropped from it first
+    (so no later hit may legitimately read it): only blocks that some running request still
+    references are shared. A request that reads a block it does not own (another request's, or
+    one it gave up) then attends to poison, so a block freed or overwritten while still
+    referenced shows in the outputs. Needs the worker in this process
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0, one worker). Returns a counter of blocks poisoned."""
+    core, _, pool = _pool_state(engine)
+    caches = core.model_executor.driver_worker.worker.model_runner.kv_caches
+    count = {"n": 0}
+    free_blocks = pool.free_blocks
+
+    def free_and_poison(ordered_blocks):
+        blocks = list(ordered_blocks)
+        free_blocks(blocks)
+        ids = []
+        for b in blocks:
+            if b.ref_cnt == 0 and not b.is_null:
+                pool._maybe_evict_cached_block(b)  # no longer a prefix-cache hit
+                ids.append(b.block_id)
+        if ids:
+            for cache in caches:
+                cache[ids] = POISON
+            count["n"] += len(ids)
+
+    pool.free_blocks = free_and_poison
+    return count
+
+
 def run_generate(llm, job):
     from vllm import SamplingParams
 
@@ -57,21 +94,35 @@ def run_generate(llm, job):
     free_start = pool.get_num_free_blocks()
     sp = SamplingParams(**job["sampling"])
     ids = [f"{job.get('tag', 'g')}-{i}" for i in range(len(job["prompts"]))]
-    for rid, prompt in zip(ids, job["prompts"]):
-        engine.add_request(rid, {"prompt_token_ids": prompt}, sp)
+    # Per request: the step it arrives at (0: before the first step), and its own output length.
+    arrive = job.get("arrive_at_steps") or [0] * len(ids)
+    per_request_max = job.get("max_tokens_each")
+    pending = sorted(zip(arrive, range(len(ids))))
+
+    def add_arrivals(step):
+        while pending and pending[0][0] <= step:
+            i = pending.pop(0)[1]
+            params = sp if per_request_max is None else sp.clone()
+            if per_request_max is not None:
+                params.max_tokens = per_request_max[i]
+            engine.add_request(ids[i], {"prompt_token_ids": job["prompts"][i]}, params)
+
+    add_arrivals(0)
     results = {rid: None for rid in ids}
     peak_held = {rid: 0 for rid in ids}
     peak_held_decode = {rid: 0 for rid in ids}
     peak_used = 0
     steps = 0
     abort_after = job.get("abort_after_steps")
-    while engine.has_unfinished_requests():
+    while engine.has_unfinished_requests() or pending:
+        add_arrivals(steps)
         for out in engine.step():
             if out.finished:
                 comp = out.outputs[0]
                 results[out.request_id] = {
                     "token_ids": list(comp.token_ids),
                     "finish_reason": comp.finish_reason,
+                    "cached_tokens": out.num_cached_tokens,  # prompt tokens served by prefix-cache hits
                     "prompt_logprobs": (
                         [None if lp is None else lp[tok].logprob for lp, tok in zip(out.prompt_logprobs, out.prompt_token_ids)]
                         if out.prompt_logprobs is not None
@@ -114,7 +165,9 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     from vllm import LLM
 
+    poison = spec["engine"].pop("poison_freed", False)  # the runner's option, not vLLM's
     llm = LLM(**spec["engine"])
+    poisoned = _poison_freed_blocks(llm.llm_engine) if poison else None
     out = {
         "max_model_len": llm.llm_engine.vllm_config.model_config.max_model_len,
         "block_size": llm.llm_engine.vllm_config.cache_config.block_size,
@@ -122,6 +175,8 @@ def main() -> None:
         "attn_isa": _attention_isas(llm.llm_engine),
         "jobs": [run_generate(llm, job) for job in spec["jobs"]],
     }
+    if poisoned is not None:
+        out["poisoned_blocks"] = poisoned["n"]
     sys.stdout.write("\n" + json.dumps(out) + "\n")
     sys.stdout.flush()
     os._exit(0)  # skip engine teardown (seconds) once results are out

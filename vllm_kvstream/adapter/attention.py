@@ -51,6 +51,7 @@ from typing import ClassVar
 
 import torch
 
+from vllm_kvstream.adapter import trace
 from vllm_kvstream.adapter.compat import on_cpu, probe
 from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_sliding_spec, make_spec, plugin_pages
 from vllm_kvstream.adapter.rope import rope_of_building_layer
@@ -186,6 +187,8 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         seq_lens = cm.seq_lens.cpu()[: cm.num_reqs]
         if self.store is not None:
             return self._build_selection(common_prefix_len, cm, seq_lens, fast_build)
+        if trace.ENABLED:  # VLLM_KVSTREAM_TRACE_DIR (adapter/trace.py)
+            trace.position_step(pattern, self.block_size, cm.query_start_loc_cpu[: cm.num_reqs + 1], seq_lens)
         # A query at p attends to a non-prefix set iff p >= S + W, i.e. seq_len > S + W.
         if pattern.window_tokens is None or not bool((seq_lens > pattern.sink_tokens + pattern.window_tokens).any()):
             return KVStreamMetadata(

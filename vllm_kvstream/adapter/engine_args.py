@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Mapping
 
 from vllm_kvstream.adapter.compat import on_cpu, probe
 from vllm_kvstream.errors import KVStreamConfigError
@@ -37,6 +38,7 @@ from vllm_kvstream.quant import (
     QUANT_KEY,
     QUANT_METHODS,
     QUANT_PARAMS_KEY,
+    additional_config_mapping,
     pages_from_additional_config,
     quant_from_additional_config,
 )
@@ -90,6 +92,14 @@ def _add_flags(parser) -> None:
 
 def fold_flags_into_additional_config(args: argparse.Namespace, additional_config: dict | None) -> dict:
     """The engine's ``additional_config`` with the two flags merged in (flags win)."""
+    if additional_config is not None and not isinstance(additional_config, Mapping):
+        additional_config_mapping(additional_config)  # refuses all but vLLM's own SupportsHash objects
+        dests = (_FLAG_DEST_POLICY, _FLAG_DEST_PARAMS, _FLAG_DEST_QUANT, _FLAG_DEST_QUANT_PARAMS)
+        if all(getattr(args, d, None) is None for d in dests):
+            return additional_config  # no flag of the plugin: it stays inert
+        raise KVStreamConfigError(
+            f"the --kv-* flags need --additional-config to be a JSON object, got {additional_config!r}"
+        )
     merged = dict(additional_config or {})
     policy = getattr(args, _FLAG_DEST_POLICY, None)
     params = getattr(args, _FLAG_DEST_PARAMS, None)

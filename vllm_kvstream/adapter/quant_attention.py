@@ -40,6 +40,7 @@ from typing import ClassVar
 
 import torch
 
+from vllm_kvstream.adapter import trace
 from vllm_kvstream.adapter.attention import KVStreamBackend, PolicyImplBase
 from vllm_kvstream.adapter.compat import on_cpu, probe
 from vllm_kvstream.adapter.metrics import QuantWriteMeter
@@ -167,6 +168,9 @@ class KVStreamQuantBuilder(AttentionMetadataBuilder[QuantStepMetadata]):
         n = cm.num_actual_tokens
         if self.store is not None:
             return self._build_selection(cm)
+        if trace.ENABLED:  # VLLM_KVSTREAM_TRACE_DIR (adapter/trace.py)
+            trace.position_step(self.pattern, self.block_size, cm.query_start_loc_cpu[: cm.num_reqs + 1],
+                                cm.seq_lens.cpu()[: cm.num_reqs])
         positions, requests, needed, table = plan_quant_step(
             cm.query_start_loc_cpu[: cm.num_reqs + 1],
             cm.seq_lens.cpu()[: cm.num_reqs],

@@ -18,8 +18,13 @@ The path, argued:
   block copy is ``block_size`` tokens of one layer, once per evicted block.
 * **Why it holds under continuous batching and several processes.** Everything the worker
   needs arrives with the step: the block table row, the sequence length, the query count.
-  The scheduler's frees follow from token counts alone, so the worker recomputes them. Each
-  tensor-parallel rank keeps the best blocks *for its own heads*, with no exchange.
+  The scheduler's frees follow from token counts alone, so the worker recomputes them.
+* **Tensor parallelism: one decision on every rank.** A rank holds some of a layer's heads,
+  so its scores are partial; every score is summed over the tensor-parallel ranks before
+  the selection uses it (``adapter/tensor_parallel.py``: an all-gather, summed in rank order,
+  bit-equal on every rank), so every rank keeps the blocks TP=1 keeps. Scored per rank, the
+  ranks kept different blocks and the output moved far from TP=1's (measured, see there).
+  The exchange is between workers only; the scheduler still never sees a score.
 * **Identity.** A request is recognised by the physical id of its first block, which the
   sink rule never frees and prefix caching (off for these policies, see ``engine_args``)
   cannot share. A step starting at position 0 (a new request, or one preempted and
@@ -42,7 +47,8 @@ The path, argued:
   then pay one small batched score per :data:`MASS_BATCH` steps instead of a torch attention
   per step.
 
-Nothing here imports vLLM: it works on tensors and lists the attention backend passes in.
+Nothing here imports vLLM (but ``tensor_parallel.tp_rank_sum``, which looks up vLLM's group
+once): it works on tensors and lists the attention backend passes in.
 """
 
 from __future__ import annotations
@@ -51,6 +57,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vllm_kvstream.adapter import trace
+from vllm_kvstream.adapter.tensor_parallel import RankSum, tp_rank_sum
 from vllm_kvstream.kernels import (
     Rope,
     block_key_norms,
@@ -135,9 +143,13 @@ class RequestSelection:
 class SelectionStore:
     """The selections of every live request in this worker, for one KV-cache group."""
 
-    def __init__(self, policy: TopKImportancePolicy, block_size: int, *, batch_decode: bool = True) -> None:
+    def __init__(self, policy: TopKImportancePolicy, block_size: int, *, batch_decode: bool = True,
+                 rank_sum: RankSum | None | str = "tp") -> None:
         self.policy = policy
         self.block_size = block_size
+        #: Scores summed over the tensor-parallel ranks before any decision (``tensor_parallel.py``);
+        #: ``"tp"``: vLLM's tensor-parallel group where it has several ranks, else None.
+        self.rank_sum = tp_rank_sum() if rank_sum == "tp" else rank_sum
         self.requests: dict[int, RequestSelection] = {}
         self.block_copies = 0
         #: Run steady decode steps of all requests as one batch (:meth:`_decode_steady`);
@@ -184,6 +196,8 @@ class SelectionStore:
                 len(layer.selection.kept) == cdiv(layer.selection.num_tokens, bs) for layer in state.layers.values()
             )
             bound.append((req, state))
+        if trace.ENABLED:  # VLLM_KVSTREAM_TRACE_DIR (adapter/trace.py)
+            trace.selection_step(self.policy.name, bound)
         return bound
 
     def reads_in_place(self, step: list[tuple[SelectRequest, RequestSelection]]) -> bool:
@@ -234,7 +248,7 @@ class SelectionStore:
             num_tokens=sel.num_tokens, first_pos=sel.num_tokens - k, scale=scale, rope=rope,
             decay=self.policy.config.decay, out=torch.empty_like(queries),
         )
-        sel.add_mass(dict(zip(kept, mass.tolist())), queries=k)
+        sel.add_mass(dict(zip(kept, self._over_ranks(mass).tolist())), queries=k)
 
     def run(
         self,
@@ -268,6 +282,10 @@ class SelectionStore:
             self._relocate(layer, req, kv_cache)
         if steady:
             self._decode_steady(steady, query, kv_cache, scale=scale, rope=rope, out=out)
+
+    def _over_ranks(self, mass: torch.Tensor) -> torch.Tensor:
+        """Attention mass of this rank's heads -> of every head (one decision on every rank)."""
+        return mass if self.rank_sum is None else self.rank_sum(mass)
 
     # Hooks over the cache layout (vLLM's CPU layout here; quantized pages in
     # ``quant_attention.QuantSelectionStore``): the keys for norms, the ids attention reads,
@@ -317,7 +335,7 @@ class SelectionStore:
         mass = selected_decode_cpu(
             query, kv_cache, self._plan, blocks, shift, scale=scale, rope=rope, out=out, shift_cos_sin=cos_sin
         )
-        masses = mass.tolist() if self.policy.config.score == "attention" else None
+        masses = self._over_ranks(mass).tolist() if self.policy.config.score == "attention" else None
         for i, (req, layer) in enumerate(steady):
             sel = layer.selection
             if masses is not None:
@@ -342,7 +360,7 @@ class SelectionStore:
                 num_tokens=b, first_pos=a, scale=scale, rope=rope, decay=decay, out=out[lo:hi],
             )
             if self.policy.config.score == "attention":
-                sel.add_mass(dict(zip(kept, mass.tolist())), queries=b - a)
+                sel.add_mass(dict(zip(kept, self._over_ranks(mass).tolist())), queries=b - a)
             a = b
 
     def _score_complete(self, layer, req, key_cache, num_tokens: int) -> None:
@@ -353,6 +371,8 @@ class SelectionStore:
         todo = [lb for lb in sel.kept if (lb + 1) * self.block_size <= num_tokens and lb not in sel.scores]
         if todo:
             norms = block_key_norms(key_cache, self._read_ids([layer.location(lb, req.row) for lb in todo]))
+            if self.rank_sum is not None:  # a mean over this rank's heads: the mean over all
+                norms = self.rank_sum.mean(norms)
             sel.set_scores({lb: -float(x) for lb, x in zip(todo, norms)})
 
     def _relocate(self, layer: LayerSelection, req: SelectRequest, kv_cache: torch.Tensor) -> None:

@@ -41,8 +41,10 @@ class Cache:
     @classmethod
     def parse(cls, text: str) -> Cache:
         parts = text.split("+")
-        if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
             raise ValueError(f"cache size {text!r} is not of the form SINK+WINDOW (e.g. 4+1020)")
+        if any(len(p.strip()) > 18 for p in parts):
+            raise ValueError(f"cache size {text!r}: SINK and WINDOW must be token counts below 10**18")
         sink, window = (int(p) for p in parts)
         if window <= 0:
             raise ValueError(f"cache size {text!r}: the window must be > 0")
@@ -91,10 +93,12 @@ def parse_policy_spec(text: str) -> tuple[str, dict]:
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ValueError(f"policy option {pair!r} in {text!r} is not KEY=VALUE")
+            raise ValueError(f"policy option {pair!r} in {text!r} is not KEY=VALUE; allowed: NAME[:KEY=VALUE...]")
+        if key in options:
+            raise ValueError(f"policy option {key!r} is given twice in {text!r}; allowed: each KEY once")
         try:
             options[key] = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # not JSON (or an integer of > 4300 digits, nesting too deep)
             options[key] = value
     return name, options
 
@@ -120,6 +124,11 @@ def plan_runs(policies: Sequence[str], caches: Sequence[Cache]) -> list[Run]:
         for run in planned:
             cls.from_dict(run.params)  # validate now, not minutes later in an engine process
         runs.extend(planned)
+    labels = [run.label for run in runs]
+    repeated = sorted({label for label in labels if labels.count(label) > 1})
+    if repeated:  # the second run's results would replace the first's
+        raise ValueError(f"run {repeated[0]!r} is planned twice (a policy or cache size is repeated in "
+                         f"{list(policies)} / {[c.label for c in caches]}); allowed: each policy and cache once")
     return runs
 
 

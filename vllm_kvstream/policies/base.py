@@ -23,6 +23,9 @@ from vllm_kvstream.errors import KVStreamConfigError
 #: Longest stream a bounded policy accepts by default (vLLM's ``max_model_len`` is raised to
 #: this). The worker's block table costs 4 bytes per block per request slot for it.
 DEFAULT_MAX_STREAM_TOKENS = 1 << 20
+#: Longest stream any bounded policy accepts: vLLM keeps token counts and positions of a
+#: request in int32 (larger values end in an overflow inside the engine, not an error here).
+MAX_STREAM_TOKENS_LIMIT = (1 << 31) - 1
 
 
 def cdiv(a: int, b: int) -> int:
@@ -72,7 +75,7 @@ class KVPolicy(ABC):
     def from_dict(cls, params: dict[str, Any] | None) -> KVPolicy:
         """Validate ``params`` against the policy's model (the only place input is checked)."""
         try:
-            config = cls.config_model.model_validate(params or {})
+            config = cls.config_model.model_validate({} if params is None else params)  # [] / 0 / '' are refused
         except ValidationError as exc:
             problems = "; ".join(_describe_error(err) for err in exc.errors())
             allowed = ", ".join(
@@ -198,7 +201,10 @@ def _field_help(field: Any) -> str:
 
 
 def _describe_error(err: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in err.get("loc", ())) or "(config)"
+    parts = err.get("loc", ())
+    loc = ".".join(str(p) for p in parts) if parts else "(config)"  # a key "" is named '', not (config)
     if err.get("type") == "extra_forbidden":
         return f"unknown parameter {loc!r}"
+    if err.get("type") == "invalid_key":  # a Python dict with a key that is no string (JSON has none)
+        return f"parameter name {err.get('input')!r} is not a string"
     return f"{loc}={err.get('input')!r}: {err.get('msg')}"

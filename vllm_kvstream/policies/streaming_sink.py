@@ -18,6 +18,7 @@ from pydantic import Field
 
 from vllm_kvstream.policies.base import (
     DEFAULT_MAX_STREAM_TOKENS,
+    MAX_STREAM_TOKENS_LIMIT,
     AttentionPattern,
     KVPolicy,
     PolicyConfig,
@@ -28,7 +29,7 @@ from vllm_kvstream.policies.registry import register_policy
 class StreamingSinkConfig(PolicyConfig):
     sink_tokens: int = Field(4, gt=0)
     window_tokens: int = Field(1020, gt=0)
-    max_stream_tokens: int = Field(DEFAULT_MAX_STREAM_TOKENS, gt=0)
+    max_stream_tokens: int = Field(DEFAULT_MAX_STREAM_TOKENS, gt=0, le=MAX_STREAM_TOKENS_LIMIT)
 
 
 @register_policy

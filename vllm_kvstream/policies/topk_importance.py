@@ -25,7 +25,8 @@ frees the window's oldest block as the stream grows, exactly like ``streaming-si
 Which *content* survives is the worker's business: before the scheduler frees a block whose
 content still scores high, the worker copies that content over the content this policy chose
 to evict, inside the request's own blocks. The scheduler never needs the scores, so this
-works with several processes and tensor parallelism (each rank keeps its own heads' best).
+works with several processes and tensor parallelism (the workers sum each block's score over
+the tensor-parallel ranks' heads, so every rank keeps the same blocks).
 
 This module is the pure policy: which blocks a request holds after ``n`` tokens
 (:meth:`held_blocks`), which are protected (:meth:`protected_from`), and which to evict
@@ -43,6 +44,7 @@ from pydantic import Field
 from vllm_kvstream.errors import KVStreamConfigError
 from vllm_kvstream.policies.base import (
     DEFAULT_MAX_STREAM_TOKENS,
+    MAX_STREAM_TOKENS_LIMIT,
     AttentionPattern,
     KVPolicy,
     PolicyConfig,
@@ -59,7 +61,7 @@ class TopKImportanceConfig(PolicyConfig):
     recent_tokens: int = Field(256, gt=0)
     score: Literal["attention", "key-norm"] = "attention"
     decay: float = Field(1.0, gt=0.0, le=1.0)
-    max_stream_tokens: int = Field(DEFAULT_MAX_STREAM_TOKENS, gt=0)
+    max_stream_tokens: int = Field(DEFAULT_MAX_STREAM_TOKENS, gt=0, le=MAX_STREAM_TOKENS_LIMIT)
 
 
 @register_policy
