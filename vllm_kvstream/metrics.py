@@ -49,6 +49,10 @@ class MetricDef:
 SCHEMA: tuple[MetricDef, ...] = (
     MetricDef("kvstream_blocks_evicted", "counter", "KV blocks the policy freed back to vLLM's pool while their stream ran."),
     MetricDef("kvstream_blocks_held", "gauge", "KV blocks held now by the requests the scheduler tracks."),
+    MetricDef("kvstream_requests_tracked", "gauge",
+              "Requests the plugin keeps scheduler-side state for (back to 0 when the server is idle)."),
+    MetricDef("kvstream_request_policies", "counter",
+              "Requests that asked for a policy of their own (kv_policy / kv_policy_config in vllm_xargs)."),
     MetricDef(
         "kvstream_request_blocks_kept", "histogram",
         "Most KV blocks one request held at once (observed when the request's blocks are freed).", _BLOCK_BUCKETS,

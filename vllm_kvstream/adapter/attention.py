@@ -45,7 +45,7 @@ ignores the selected backend).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import ClassVar
 
@@ -54,6 +54,7 @@ import torch
 from vllm_kvstream.adapter import trace
 from vllm_kvstream.adapter.compat import on_cpu, probe
 from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, make_sliding_spec, make_spec, plugin_pages
+from vllm_kvstream.adapter.request_policy import row_patterns
 from vllm_kvstream.adapter.rope import rope_of_building_layer
 from vllm_kvstream.adapter.selection import SelectionStore, select_requests
 from vllm_kvstream.adapter.state import (
@@ -73,7 +74,7 @@ from vllm_kvstream.kernels import (
     sink_window_decode,
     split_cpu_kv_cache,
 )
-from vllm_kvstream.policies import KVPolicy
+from vllm_kvstream.policies import AttentionPattern, KVPolicy
 
 _backend_mod = probe("vllm.v1.attention.backend")
 AttentionBackend = _backend_mod.AttentionBackend
@@ -158,6 +159,10 @@ class KVStreamMetadata:
     #: Block-selecting policies: the store and this step's requests bound to their selections.
     store: SelectionStore | None = None
     selection: list | None = None
+    #: The pattern ``requests`` and ``decode`` follow (the server's, unless only requests with a
+    #: policy of their own evict), and ``(pattern, requests, decode)`` of the step's other patterns.
+    pattern: AttentionPattern | None = None
+    others: list = field(default_factory=list)
 
 
 class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
@@ -190,7 +195,18 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         if trace.ENABLED:  # VLLM_KVSTREAM_TRACE_DIR (adapter/trace.py)
             trace.position_step(pattern, self.block_size, cm.query_start_loc_cpu[: cm.num_reqs + 1], seq_lens)
         # A query at p attends to a non-prefix set iff p >= S + W, i.e. seq_len > S + W.
-        if pattern.window_tokens is None or not bool((seq_lens > pattern.sink_tokens + pattern.window_tokens).any()):
+        own = row_patterns()  # requests that asked for a policy of their own (adapter/request_policy.py)
+        if own is None:
+            groups = {pattern: None}
+            evicting = pattern.window_tokens is not None and bool((seq_lens > pattern.sink_tokens + pattern.window_tokens).any())
+        else:
+            per_row = [(own[i] if i < len(own) else None) or pattern for i in range(cm.num_reqs)]
+            groups = {}
+            for i, pat in enumerate(per_row):
+                groups.setdefault(pat, []).append(i)
+            limit = torch.tensor([p.sink_tokens + p.window_tokens if p.window_tokens is not None else 1 << 62 for p in per_row])
+            evicting = bool((seq_lens > limit).any())
+        if not evicting:
             return KVStreamMetadata(
                 num_actual_tokens=cm.num_actual_tokens,
                 stock=self.stock.build(common_prefix_len, cm, fast_build),
@@ -199,32 +215,40 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
                 block_table=cm.block_table_tensor,
             )
         qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
-        n_query = qsl[1:] - qsl[:-1]
-        single = n_query == 1
-        requests = [
-            RequestSlice(q_start=int(qsl[i]), q_end=int(qsl[i + 1]), seq_len=int(seq_lens[i]), block_row=i)
-            for i in torch.nonzero(~single).flatten().tolist()
-        ]
-        decode = None
-        if bool(single.any()):
-            rows = torch.nonzero(single).flatten()
-            decode = plan_decode(
-                qsl[rows],
-                seq_lens[rows],
-                cm.block_table_tensor[rows].cpu(),
-                sink_tokens=pattern.sink_tokens,
-                window_tokens=pattern.window_tokens,
-                block_size=self.block_size,
-                rope=self.rope,
-            )
+        single = (qsl[1:] - qsl[:-1]) == 1
+        planned = [self._plan_rows(pat, rows, qsl, single, seq_lens, cm.block_table_tensor) for pat, rows in groups.items()]
+        (_, requests, decode), others = planned[0], planned[1:]
         return KVStreamMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             stock=None,
             requests=requests,
             decode=decode,
             block_table=cm.block_table_tensor,
+            pattern=planned[0][0],
+            others=others,
         )
 
+    def _plan_rows(self, pattern, rows, qsl, single, seq_lens, block_table):
+        """``(pattern, prefill slices, decode plan)`` of the batch rows ``rows`` (``None``: all)
+        that follow ``pattern``."""
+        in_group = torch.ones_like(single) if rows is None else torch.zeros_like(single).index_fill_(0, torch.tensor(rows), True)
+        requests = [
+            RequestSlice(q_start=int(qsl[i]), q_end=int(qsl[i + 1]), seq_len=int(seq_lens[i]), block_row=i)
+            for i in torch.nonzero(~single & in_group).flatten().tolist()
+        ]
+        decode = None
+        if bool((single & in_group).any()):
+            idx = torch.nonzero(single & in_group).flatten()
+            decode = plan_decode(
+                qsl[idx],
+                seq_lens[idx],
+                block_table[idx].cpu(),
+                sink_tokens=pattern.sink_tokens,
+                window_tokens=pattern.window_tokens,
+                block_size=self.block_size,
+                rope=self.rope,
+            )
+        return pattern, requests, decode
 
     def _build_selection(self, common_prefix_len, cm, seq_lens: torch.Tensor, fast_build: bool) -> KVStreamMetadata:
         """Every step of a block-selecting policy runs the selection path: scores accrue from
@@ -364,28 +388,28 @@ class KVStreamImpl(PolicyImplBase):
                 layer.layer_name, query, kv_cache, attn_metadata.selection, scale=self.scale, rope=self.rope, out=out
             )
             return output
-        if attn_metadata.decode is not None:
-            sink_window_decode(
-                query, kv_cache, attn_metadata.decode, scale=self.scale, rope=self.rope, out=out,
-                softcap=self.logits_soft_cap,
-            )
-        if attn_metadata.requests:
-            key_cache, value_cache = split_cpu_kv_cache(kv_cache)
-            pattern = self.policy.pattern
-            sink_window_attention(
-                query,
-                key_cache,
-                value_cache,
-                attn_metadata.block_table,
-                attn_metadata.requests,
-                sink_tokens=pattern.sink_tokens,
-                window_tokens=pattern.window_tokens,
-                scale=self.scale,
-                rope=self.rope,
-                rope_applied=True,
-                out=out,
-                softcap=self.logits_soft_cap,
-            )
+        groups = [(attn_metadata.pattern or self.policy.pattern, attn_metadata.requests, attn_metadata.decode)]
+        for pattern, requests, decode in groups + attn_metadata.others:
+            if decode is not None:
+                sink_window_decode(
+                    query, kv_cache, decode, scale=self.scale, rope=self.rope, out=out, softcap=self.logits_soft_cap,
+                )
+            if requests:
+                key_cache, value_cache = split_cpu_kv_cache(kv_cache)
+                sink_window_attention(
+                    query,
+                    key_cache,
+                    value_cache,
+                    attn_metadata.block_table,
+                    requests,
+                    sink_tokens=pattern.sink_tokens,
+                    window_tokens=pattern.window_tokens,
+                    scale=self.scale,
+                    rope=self.rope,
+                    rope_applied=True,
+                    out=out,
+                    softcap=self.logits_soft_cap,
+                )
         return output
 
 

@@ -42,6 +42,7 @@ from vllm_kvstream.errors import KVStreamConfigError
 from vllm_kvstream.kernels import QuantLayout
 from vllm_kvstream.policies import KVPolicy, build_policy
 from vllm_kvstream.quant import KVQuant, parse_quant
+from vllm_kvstream.request_policy import ServerLimits, request_policy
 
 FullAttentionSpec = probe("vllm.v1.kv_cache_interface:FullAttentionSpec")
 SlidingWindowSpec = probe("vllm.v1.kv_cache_interface:SlidingWindowSpec")
@@ -230,9 +231,24 @@ class KVStreamManager(FullAttentionManager):
             # too, so cap admission by the same bound start-up sizing used.
             self.max_admission_blocks_per_request = kv_cache_spec.max_blocks_per_request(1 << 62)
         self.tracker = StreamTracker()  # the plugin's /metrics (adapter/metrics.py)
+        #: Requests that asked for a policy of their own (``request_policy.py``), by request id.
+        self.request_policies: dict[str, KVPolicy] = {}
+        self._limits = ServerLimits(self.policy, self.block_size, kv_cache_spec.max_query_tokens)
+
+    def bind_request(self, request_id: str, extra_args: dict) -> None:
+        """Follow the policy ``extra_args`` asks for (validated by the API server) for this
+        request, from its next allocation until its blocks are freed."""
+        if request_id in self.request_policies:
+            return
+        policy = request_policy(extra_args, self._limits)
+        if policy is not None:
+            self.request_policies[request_id] = policy
+            if self.tracker.on:
+                self.tracker.request_policy(request_id)
 
     def _free_outside_policy(self, request_id: str, processed_tokens: int) -> None:
-        first, last = self.policy.freeable_block_range(processed_tokens, self.block_size)
+        policy = self.request_policies.get(request_id, self.policy)
+        first, last = policy.freeable_block_range(processed_tokens, self.block_size)
         if last > first:
             if self.tracker.on:
                 self.tracker.evicted_blocks(request_id, self._live_blocks_in_range(request_id, first, last))
@@ -261,6 +277,7 @@ class KVStreamManager(FullAttentionManager):
         # The row's length, read before the pop: vLLM 0.33 returns the blocks without their
         # leading nulls (a sliding window's evicted prefix), 0.32 the whole row.
         row = len(self.req_to_blocks.get(request_id, ()))
+        self.request_policies.pop(request_id, None)  # bound again if a preempted request returns
         blocks = super().pop_blocks_for_free(request_id)
         if self.tracker.on:
             self.tracker.freed(request_id, row)

@@ -17,6 +17,8 @@ Series (labels ``policy``, ``kv_quant``; counters carry the ``_total`` suffix):
 =============================================  =========  ==========================================
 ``kvstream_blocks_evicted_total``              counter    blocks freed back to the pool mid-stream
 ``kvstream_blocks_held``                       gauge      blocks held now by tracked requests
+``kvstream_requests_tracked``                  gauge      requests the scheduler side keeps state for
+``kvstream_request_policies_total``            counter    requests that asked for a policy of their own
 ``kvstream_request_blocks_kept``               histogram  most blocks one request held at once
 ``kvstream_stream_tokens``                     histogram  tokens per request stream
 ``kvstream_streams_beyond_trained_context``    counter    streams longer than the trained context
@@ -135,6 +137,8 @@ class StreamTracker:
 
     #: Blocks held by every tracker (KV manager) of this process: the gauge is their sum.
     _held_total: int = 0
+    #: Requests some tracker of this process keeps state for: the gauge is their count.
+    _tracked_total: int = 0
 
     def __init__(self) -> None:
         self.metrics = process_metrics()
@@ -143,10 +147,22 @@ class StreamTracker:
         self.evicted: dict[str, int] = {}
         self.peak: dict[str, int] = {}
         self.tokens: dict[str, int] = {}
+        self.live: set[str] = set()
 
     @property
     def on(self) -> bool:
         return self.metrics is not None
+
+    def _track(self, request_id: str) -> None:
+        if request_id not in self.live:
+            self.live.add(request_id)
+            StreamTracker._tracked_total += 1
+            self.metrics.set("kvstream_requests_tracked", float(StreamTracker._tracked_total))
+
+    def request_policy(self, request_id: str) -> None:
+        """A request asked for a policy of its own (counted once; no per-request label)."""
+        self._track(request_id)
+        self.metrics.inc("kvstream_request_policies")
 
     def _set_held(self, delta: int) -> None:
         StreamTracker._held_total += delta
@@ -160,6 +176,7 @@ class StreamTracker:
         self._set_held(-n)
 
     def allocated(self, request_id: str, row_len: int, new_blocks: int, num_tokens: int) -> None:
+        self._track(request_id)
         held = row_len - self.evicted.get(request_id, 0)
         if held > self.peak.get(request_id, 0):
             self.peak[request_id] = held
@@ -172,6 +189,10 @@ class StreamTracker:
         held = row_len - self.evicted.pop(request_id, 0)
         peak = self.peak.pop(request_id, None)
         tokens = self.tokens.pop(request_id, 0)
+        if request_id in self.live:
+            self.live.discard(request_id)
+            StreamTracker._tracked_total -= 1
+            self.metrics.set("kvstream_requests_tracked", float(StreamTracker._tracked_total))
         if held:
             self._set_held(-held)
         if peak is None:  # never allocated (aborted before it ran)
