@@ -16,7 +16,8 @@ stays the server's (it is the server's ``max_model_len``; a request bounds itsel
 ``max_tokens``). A server whose policy selects blocks by score (``topk-importance``), or that
 keeps its blocks in the plugin's pages (``--kv-quant``, ``kv_pages=paged16``, off CPU), takes
 no per-request policy in this release; a request asking for one is refused, as is any other
-``kv_``-prefixed field (a misspelt one would otherwise be dropped). Every refusal names the
+``kv_``-prefixed field but vLLM's own ``kv_transfer_params`` (a misspelt one would otherwise be
+dropped). Every refusal names the
 value and what is allowed; the server answers it with HTTP 400 and keeps serving.
 
 The same resolution runs in every process that needs it (the API server validates, the
@@ -37,6 +38,8 @@ from vllm_kvstream.policies import KVPolicy, available_policies, build_policy, g
 POLICY_FIELD = "kv_policy"
 PARAMS_FIELD = "kv_policy_config"
 FIELDS = (POLICY_FIELD, PARAMS_FIELD)
+#: ``kv_``-prefixed fields that are vLLM's own (KV connectors), not the plugin's.
+VLLM_FIELDS = ("kv_transfer_params",)
 #: Policies a request may ask for: positions alone decide what they keep.
 REQUEST_POLICIES = ("streaming-sink", "sliding-window")
 
@@ -58,9 +61,14 @@ class ServerLimits:
         return self.policy.max_blocks_per_request(self.block_size, self.max_query_tokens, 1 << 62)
 
 
+def _ours(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith("kv_") and key not in VLLM_FIELDS
+
+
 def asks_for_policy(extra_args: Mapping[str, Any] | None) -> bool:
-    """Whether ``extra_args`` holds any ``kv_``-prefixed field (the plugin's, or a misspelling)."""
-    return bool(extra_args) and any(isinstance(k, str) and k.startswith("kv_") for k in extra_args)
+    """Whether ``extra_args`` holds a ``kv_``-prefixed field other than vLLM's own (the plugin's,
+    or a misspelling of one)."""
+    return bool(extra_args) and any(_ours(k) for k in extra_args)
 
 
 def request_policy(extra_args: Mapping[str, Any] | None, limits: ServerLimits) -> KVPolicy | None:
@@ -69,7 +77,7 @@ def request_policy(extra_args: Mapping[str, Any] | None, limits: ServerLimits) -
     value and the allowed ones."""
     if not asks_for_policy(extra_args):
         return None
-    fields = {k: extra_args[k] for k in extra_args if isinstance(k, str) and k.startswith("kv_")}
+    fields = {k: extra_args[k] for k in extra_args if _ours(k)}
     try:
         key = json.dumps(fields, sort_keys=True)
     except (TypeError, ValueError):

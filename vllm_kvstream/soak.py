@@ -268,6 +268,8 @@ class PoolState:
     #: The plugin's count of blocks its tracked requests hold (0 when the plugin is inert).
     plugin_blocks: int
     pool_blocks: int
+    #: Requests the plugin keeps scheduler-side state for.
+    plugin_requests: int = 0
 
 
 def pool_state(url: str) -> PoolState:
@@ -285,6 +287,7 @@ def pool_state(url: str) -> PoolState:
         used_blocks=round(usage * max(pool - 1, 0)),
         plugin_blocks=round(values.get("kvstream_blocks_held", 0.0)),
         pool_blocks=pool,
+        plugin_requests=round(values.get("kvstream_requests_tracked", 0.0)),
     )
 
 
@@ -294,7 +297,8 @@ def wait_idle(url: str, timeout: float = 120.0) -> PoolState:
     deadline = time.time() + timeout
     while True:
         state = pool_state(url)
-        if (state.running == 0 and state.waiting == 0 and state.used_blocks == 0) or time.time() > deadline:
+        idle = state.running == 0 and state.waiting == 0 and state.used_blocks == 0 and state.plugin_requests == 0
+        if idle or time.time() > deadline:
             return state
         time.sleep(0.5)
 
@@ -342,9 +346,14 @@ class PhaseResult:
         return self.after.plugin_blocks - self.before.plugin_blocks
 
     @property
+    def leaked_plugin_requests(self) -> int:
+        return self.after.plugin_requests - self.before.plugin_requests
+
+    @property
     def ok(self) -> bool:
         idle = self.after.running == 0 and self.after.waiting == 0
-        return idle and self.leaked_blocks == 0 and self.leaked_plugin_blocks == 0 and self.counts()["failed"] == 0
+        leaks = (self.leaked_blocks, self.leaked_plugin_blocks, self.leaked_plugin_requests)
+        return idle and leaks == (0, 0, 0) and self.counts()["failed"] == 0
 
 
 def run_requests(
@@ -486,11 +495,12 @@ def write_report(out: Path, result: dict) -> Path:
     (out / "soak.json").write_text(json.dumps(result, indent=1, default=_jsonable))
     lines = [f"# Soak: {result['model']} under {result['server']}", "", f"`{result['command']}`", "",
              "| phase | requests | completed | aborted on purpose | refused on purpose | failed | not sent | "
-             "leaked vLLM blocks | leaked plugin blocks | seconds | ok |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "leaked vLLM blocks | leaked plugin blocks | plugin requests left | seconds | ok |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for p in result["phases"]:
         c = p["counts"]
         lines.append(f"| {p['name']} | {len(p['outcomes'])} | {c['completed']} | {c['aborted']} | {c['refused']} | "
-                     f"{c['failed']} | {p['not_sent']} | {p['leaked_blocks']} | {p['leaked_plugin_blocks']} | "
+                     f"{c['failed']} | {p['not_sent']} | {p['leaked_blocks']} | {p['leaked_plugin_blocks']} | {p['leaked_plugin_requests']} | "
                      f"{p['seconds']:.0f} | {'yes' if p['ok'] else 'NO'} |")
     if result.get("rss"):
         lines += ["", f"RSS after warm-up ({result['warmup']} requests), MiB; tolerance {result['rss_tolerance_mib']} MiB:", "",
@@ -524,7 +534,7 @@ def _jsonable(o):
 
 def phase_dict(p: PhaseResult) -> dict:
     return {"name": p.name, "counts": p.counts(), "not_sent": p.not_sent, "leaked_blocks": p.leaked_blocks,
-            "leaked_plugin_blocks": p.leaked_plugin_blocks, "before": asdict(p.before), "after": asdict(p.after),
+            "leaked_plugin_blocks": p.leaked_plugin_blocks, "leaked_plugin_requests": p.leaked_plugin_requests, "before": asdict(p.before), "after": asdict(p.after),
             "seconds": round(p.seconds, 1), "ok": p.ok, "outcomes": [asdict(o) for o in p.outcomes]}
 
 

@@ -99,14 +99,24 @@ def run_generate(llm, job):
     per_request_max = job.get("max_tokens_each")
     pending = sorted(zip(arrive, range(len(ids))))
 
+    extra_args_each = job.get("extra_args_each")  # per request: SamplingParams.extra_args
+
     def add_arrivals(step):
         while pending and pending[0][0] <= step:
             i = pending.pop(0)[1]
-            params = sp if per_request_max is None else sp.clone()
+            params = sp if per_request_max is None and extra_args_each is None else sp.clone()
             if per_request_max is not None:
                 params.max_tokens = per_request_max[i]
+            if extra_args_each is not None:
+                params.extra_args = extra_args_each[i]
             engine.add_request(ids[i], {"prompt_token_ids": job["prompts"][i]}, params)
 
+    if job.get("expect_error"):  # the request must be refused before it reaches the engine
+        try:
+            add_arrivals(0)
+        except Exception as exc:  # noqa: BLE001 (the test checks the type: vLLM's VLLMValidationError)
+            return {"error": str(exc), "error_type": type(exc).__name__, "free": pool.get_num_free_blocks()}
+        raise AssertionError(f"job {job.get('tag')} was accepted")
     add_arrivals(0)
     results = {rid: None for rid in ids}
     peak_held = {rid: 0 for rid in ids}

@@ -20,6 +20,7 @@ def register() -> None:
         from vllm_kvstream.adapter.compat import check_supported
         from vllm_kvstream.adapter.engine_args import patch_engine_args
         from vllm_kvstream.adapter.kv_manager import register_kv_manager
+        from vllm_kvstream.adapter.lifecycle import patch_shutdown
         from vllm_kvstream.adapter.request_policy import patch_request_policies
         from vllm_kvstream.adapter.rope import register_rope_override
 
@@ -29,5 +30,6 @@ def register() -> None:
         register_rope_override()
         route_backend()
         patch_request_policies()
+        patch_shutdown()
         _registered = True
         logger.debug("vllm-kvstream registered with vLLM %s", version)

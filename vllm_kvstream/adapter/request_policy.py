@@ -6,7 +6,7 @@ each a wrapper that calls vLLM's method unchanged first or last):
 
 * ``InputProcessor._validate_params`` (API server, offline ``LLM``): after vLLM's own checks,
   the request's ``extra_args`` are resolved against the server's limits; a refusal raises
-  vLLM's ``VLLMValidationError`` (a ``ValueError``), which the OpenAI server answers with HTTP
+  vLLM's ``VLLMValidationError`` (a client error), which the OpenAI server answers with HTTP
   400 and the offline ``LLM`` raises to the caller, before the request reaches the engine. The
   caller's ``SamplingParams`` is not modified. Removable when vLLM lets a plugin validate
   ``extra_args`` (today only logits processors may, and they run per step).
