@@ -370,7 +370,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_soak(args: argparse.Namespace) -> int:
-    from vllm_kvstream.soak import soak
+    from vllm_kvstream.soak import server_flags, soak, spec_from_args
 
     for name in ("max_stream_tokens", "concurrency", "block_size", "chunk", "max_num_seqs", "kv_memory_mib", "rss_every"):
         if getattr(args, name) < 1:
@@ -383,6 +383,8 @@ def cmd_soak(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be in [0, 1)")
     if not args.stop_timeout > 0:
         raise ValueError(f"--stop-timeout={args.stop_timeout} must be > 0")
+    spec_from_args(args)  # every setting checked before a model is prepared or a server started
+    server_flags(args)
     try:
         result, report = soak(args, _model(args.model))
     except RuntimeError as exc:  # a server that did not start: its log is named

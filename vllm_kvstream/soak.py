@@ -5,9 +5,10 @@ Phases, in order (each optional):
 
 1. **faults**, scripted, ``--fault-repeats`` times each: a client that disconnects during
    chunked prefill (before its first token), one that disconnects mid-decode, a chat stream
-   dropped mid-answer, a request asking for more than ``max_stream_tokens`` (refused, HTTP
-   400) and one left to run into that cap (ends with ``finish_reason=length`` at exactly
-   ``max_stream_tokens`` tokens).
+   dropped mid-answer, a request asking for more output than ``max_stream_tokens`` and one
+   whose prompt is longer (both refused, HTTP 400 naming the limit), one left to run into that
+   cap (ends with ``finish_reason=length`` at exactly ``max_stream_tokens`` tokens), and a
+   per-request policy the server refuses (HTTP 400 naming it; the server keeps serving).
 2. **soak**: ``--requests`` streaming requests, ``--concurrency`` at a time, with random
    prompt and output lengths (up to ``--max-prompt-tokens`` + ``--max-output-tokens``: pick
    them past the cache and past the model's trained context), a share of them
@@ -116,6 +117,8 @@ class SoakRequest:
     expect_total: int | None = None
     #: Output pinned to ``max_tokens`` (``min_tokens`` too); else the server may end it sooner.
     pinned: bool = True
+    #: Text a refusal's message must contain (the bad value it names).
+    expect_in_error: str = ""
 
 
 @dataclass
@@ -184,16 +187,16 @@ def send(url: str, model: str, req: SoakRequest, vocab_size: int, timeout: float
     try:
         conn.request("POST", path, body=json.dumps(request_body(model, req, vocab_size)),
                      headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        out.status = resp.status
-        if resp.status != 200:
-            out.error = resp.read().decode(errors="replace")[:500]
-            out.kind = "refused" if resp.status == req.expect_status else "failed"
-            return out
-        if req.abort == "prefill":
-            conn.sock.settimeout(max(req.abort_at, 0.001))
+        if req.abort == "prefill":  # drop if nothing has streamed by then (the headers may come first)
+            conn.sock.settimeout(max(req.abort_at - (time.perf_counter() - t0), 0.001))
         chunks = 0
         try:
+            resp = conn.getresponse()
+            out.status = resp.status
+            if resp.status != 200:
+                out.error = resp.read().decode(errors="replace")[:500]
+                out.kind = "refused" if resp.status == req.expect_status else "failed"
+                return out
             for payload in sse_payloads(_lines(resp)):
                 if "error" in payload:  # vLLM reports an engine error inside the stream
                     out.error = json.dumps(payload["error"])[:500]
@@ -389,32 +392,40 @@ def run_requests(
     return PhaseResult(name, outcomes, before, after, time.perf_counter() - t0, skipped[0])
 
 
-def fault_requests(repeats: int, max_model_len: int, prompt_tokens: int, start: int = 0) -> list[SoakRequest]:
+def fault_requests(repeats: int, max_model_len: int, prompt_tokens: int, start: int = 0,
+                   bad_request_policy: bool = True) -> list[SoakRequest]:
     """The scripted faults (module docstring), ``repeats`` of each: drops during prefill, mid-decode
     and mid-chat; asking for more output than ``max_model_len`` and a prompt longer than it
-    (both refused, 400); and a request whose output vLLM caps so the stream ends at exactly
-    ``max_model_len`` tokens."""
+    (both refused, 400); a request whose output vLLM caps so the stream ends at exactly
+    ``max_model_len`` tokens; and (``bad_request_policy``) a per-request policy the server
+    refuses (400, naming the value)."""
     reqs: list[SoakRequest] = []
     i = start
     for _ in range(repeats):
-        reqs += [
+        batch = [
             SoakRequest(i, "completions", prompt_tokens, 64, "prefill", 0.05),
             SoakRequest(i + 1, "completions", min(prompt_tokens, 256), 400, "decode", 20),
             SoakRequest(i + 2, "chat", 64, 300, "decode", 10),
-            SoakRequest(i + 3, "completions", 16, max_model_len + 1, pinned=False, expect_status=400),
-            SoakRequest(i + 4, "completions", max_model_len + 8, 16, expect_status=400),
+            SoakRequest(i + 3, "completions", 16, max_model_len + 1, pinned=False, expect_status=400,
+                        expect_in_error=str(max_model_len)),
+            SoakRequest(i + 4, "completions", max_model_len + 8, 16, expect_status=400, expect_in_error=str(max_model_len)),
             SoakRequest(i + 5, "completions", max_model_len - 40, 200, pinned=False, expect_total=max_model_len),
         ]
-        i += 6
+        if bad_request_policy:
+            batch.append(SoakRequest(i + 6, "completions", 16, 8, xargs={"kv_policy": "no-such-policy"},
+                                     expect_status=400, expect_in_error="no-such-policy"))
+        reqs += batch
+        i += len(batch)
     return reqs
 
 
-def check_fault_outcomes(outcomes: Sequence[Outcome], max_model_len: int) -> list[str]:
-    """What the scripted faults must show beyond "nothing leaked" and "ended as expected": the
-    over-long request refused with a message naming ``max_model_len``."""
+def check_fault_outcomes(requests: Sequence[SoakRequest], outcomes: Sequence[Outcome]) -> list[str]:
+    """What the scripted faults must show beyond "nothing leaked" and "ended as expected": each
+    refusal names the value it refuses."""
+    wanted = {r.index: r.expect_in_error for r in requests if r.expect_in_error}
     return [
-        f"request {o.index}: the refusal does not name max_model_len {max_model_len}: {o.error}"
-        for o in outcomes if o.kind == "refused" and str(max_model_len) not in o.error
+        f"request {o.index}: the refusal does not name {wanted[o.index]!r}: {o.error}"
+        for o in outcomes if o.kind == "refused" and wanted.get(o.index, "") not in o.error
     ]
 
 
@@ -541,12 +552,7 @@ def phase_dict(p: PhaseResult) -> dict:
 def soak(args, model: Path) -> tuple[dict, Path]:
     """Run the phases ``args`` asks for (see :func:`vllm_kvstream.cli.build_parser`)."""
     check_loopback("http://127.0.0.1")
-    spec = SoakSpec(
-        requests=args.requests, concurrency=args.concurrency, min_prompt_tokens=args.min_prompt_tokens,
-        max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
-        abort_share=args.abort_share, chat_share=args.chat_share, request_policies=tuple(args.request_policies),
-        seed=args.seed, max_seconds=args.max_seconds,
-    )
+    spec = spec_from_args(args)
     vocab_size = int(json.loads((model / "config.json").read_text())["vocab_size"])
     flags = server_flags(args)
     result: dict = {"model": model.name, "server": " ".join(flags), "command": " ".join(sys.argv), "phases": [],
@@ -556,10 +562,11 @@ def soak(args, model: Path) -> tuple[dict, Path]:
         name, max_len = served_model(server.url)
         series: list[tuple[int, dict[str, float]]] = [(0, process_rss(server.proc.pid))]
         if args.fault_repeats:
-            faults = fault_requests(args.fault_repeats, max_len, min(args.max_prompt_tokens, max_len - 64))
+            faults = fault_requests(args.fault_repeats, max_len, min(args.max_prompt_tokens, max_len - 64),
+                                    bad_request_policy=args.policy != "stock")
             phase = run_requests(server.url, name, faults, vocab_size, concurrency=1, max_seconds=spec.max_seconds, name="faults")
             result["phases"].append(phase_dict(phase))
-            result["problems"] += check_fault_outcomes(phase.outcomes, max_len)
+            result["problems"] += check_fault_outcomes(faults, phase.outcomes)
             log.info("faults: %s, leaked %d/%d blocks", phase.counts(), phase.leaked_blocks, phase.leaked_plugin_blocks)
         if spec.requests:
             every = max(1, args.rss_every)
@@ -583,6 +590,16 @@ def soak(args, model: Path) -> tuple[dict, Path]:
     result["ok"] = (all(p["ok"] for p in result["phases"]) and rss_ok and not result["problems"]
                     and result.get("stop_under_load", {"ok": True})["ok"])
     return result, write_report(args.out, result)
+
+
+def spec_from_args(args) -> SoakSpec:
+    """The random phase's settings from the command line (raises :class:`SoakError`)."""
+    return SoakSpec(
+        requests=args.requests, concurrency=args.concurrency, min_prompt_tokens=args.min_prompt_tokens,
+        max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
+        abort_share=args.abort_share, chat_share=args.chat_share, request_policies=tuple(args.request_policies),
+        seed=args.seed, max_seconds=args.max_seconds,
+    )
 
 
 def server_flags(args) -> list[str]:

@@ -267,6 +267,9 @@ def patch_engine_args() -> None:
         vllm_config = orig_create(self, *args, **kwargs)
         check_engine_config(vllm_config)
         from vllm_kvstream.adapter.metrics import start_engine_metrics
+        from vllm_kvstream.adapter.request_policy import remember_server
+
+        remember_server(vllm_config)  # the OpenAI server checks per-request policies against it
 
         start_engine_metrics(
             vllm_config,

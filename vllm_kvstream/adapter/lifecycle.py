@@ -56,5 +56,5 @@ def _end_waiting_streams(engine, handler, error_cls) -> None:
     loop = handler.get_loop()
     if loop.is_closed():
         return
-    logger.info("vllm-kvstream: engine stopped with %d requests in flight; ending their streams", waiting)
+    logger.warning("vllm-kvstream: engine stopped with %d requests in flight; ending their streams", waiting)
     loop.call_soon_threadsafe(processor.propagate_error, error_cls())

@@ -4,6 +4,11 @@ through vLLM's three processes.
 Monkeypatches, written down (each installed once per process by :func:`patch_request_policies`,
 each a wrapper that calls vLLM's method unchanged first or last):
 
+* ``CompletionRequest.to_sampling_params`` and ``ChatCompletionRequest.to_sampling_params``
+  (the OpenAI server, patched where its engine config is built): the same check, made while
+  the request becomes sampling parameters, before a streaming response has begun, so a
+  streamed request is refused with HTTP 400 too rather than an error event inside a 200.
+  Removable with the next one's upstream change.
 * ``InputProcessor._validate_params`` (API server, offline ``LLM``): after vLLM's own checks,
   the request's ``extra_args`` are resolved against the server's limits; a refusal raises
   vLLM's ``VLLMValidationError`` (a client error), which the OpenAI server answers with HTTP
@@ -91,27 +96,66 @@ def patch_request_policies() -> None:
     _patch_worker()
 
 
+#: The server's limits, remembered where its engine config is built (the API server): the
+#: OpenAI request models check against them before a streaming response begins.
+_server: dict[str, Any] = {"limits": None}
+
+
+def remember_server(vllm_config) -> None:
+    """Called where the engine config is built; patches the OpenAI request models on first use."""
+    _server["limits"] = server_limits(vllm_config)
+    if _server["limits"] is not None:
+        _patch_openai_requests()
+
+
+def _refuse_if_bad(extra, limits) -> None:
+    """Raise vLLM's ``VLLMValidationError`` (HTTP 400) when ``extra`` asks for a policy
+    ``limits`` do not allow (or any policy, without a server policy)."""
+    if not asks_for_policy(extra):
+        return
+    VLLMValidationError = probe("vllm.exceptions:VLLMValidationError")
+    try:
+        if limits is None:
+            raise KVStreamConfigError(
+                f"per-request {', '.join(k for k in extra if str(k).startswith('kv_'))} needs a server started "
+                "with --kv-policy; allowed here: no kv_ fields"
+            )
+        request_policy(extra, limits)
+    except KVStreamConfigError as exc:
+        raise VLLMValidationError(describe_refusal(exc), parameter="vllm_xargs") from None
+
+
+def _patch_openai_requests() -> None:
+    """``to_sampling_params`` of the completion and chat request models: a bad per-request
+    policy is refused while the request is turned into sampling parameters, before a streaming
+    response has begun (so a stream gets HTTP 400 too, not an error event inside a 200)."""
+    for path in ("vllm.entrypoints.openai.completion.protocol:CompletionRequest",
+                 "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest"):
+        cls = probe(path)
+        original = cls.to_sampling_params
+        if getattr(original, "__kvstream_wrapped__", False):
+            continue
+
+        def to_sampling_params(self, *args, __original=original, **kwargs):
+            params = __original(self, *args, **kwargs)
+            _refuse_if_bad(_extra_args(params), _server["limits"])
+            return params
+
+        to_sampling_params.__kvstream_wrapped__ = True
+        cls.to_sampling_params = to_sampling_params
+
+
 def _patch_validation() -> None:
     InputProcessor = probe("vllm.v1.engine.input_processor:InputProcessor")
     if getattr(InputProcessor._validate_params, "__kvstream_wrapped__", False):
         return
-    VLLMValidationError = probe("vllm.exceptions:VLLMValidationError")
     original = InputProcessor._validate_params
 
     def _validate_params(self, params, *args, **kwargs):
         result = original(self, params, *args, **kwargs)
         extra = _extra_args(params)
         if asks_for_policy(extra):
-            limits = _limits(self)
-            try:
-                if limits is None:
-                    raise KVStreamConfigError(
-                        f"per-request {', '.join(k for k in extra if k.startswith('kv_'))} needs a server started "
-                        "with --kv-policy; allowed here: no kv_ fields"
-                    )
-                request_policy(extra, limits)
-            except KVStreamConfigError as exc:
-                raise VLLMValidationError(describe_refusal(exc), parameter="vllm_xargs") from None
+            _refuse_if_bad(extra, _limits(self))
         return result
 
     _validate_params.__kvstream_wrapped__ = True
