@@ -195,12 +195,15 @@ def test_report_lists_every_phase_and_the_verdict(tmp_path):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--concurrency", "0"], "--concurrency=0 must be >= 1"),
-        (["--requests", "-2"], "--requests=-2 must be >= 0"),
-        (["--warmup-share", "1"], "--warmup-share=1.0 must be in [0, 1)"),
+        (["--concurrency", "0"], "argument --concurrency: '0' is too small; allowed: integers >= 1"),
+        (["--requests", "-2"], "argument --requests: '-2' is too small; allowed: integers >= 0"),
+        (["--warmup-share", "1"], "argument --warmup-share: '1' is out of range"),
+        (["--cache", "4+"], "argument --cache"),
+        (["--policy", "nope"], "unknown KV policy 'nope'"),
         (["--request-policies", "{}"], "must be a JSON list of objects"),
         (["--request-policies", "[oops"], "is not JSON"),
-        (["--abort-share", "2"], "abort_share=2.0"),
+        (["--abort-share", "2"], "argument --abort-share: '2' is out of range"),
+        (["--min-prompt-tokens", "9", "--max-prompt-tokens", "3"], "min_prompt_tokens=9 is larger than max_prompt_tokens=3"),
     ],
 )
 def test_bad_soak_options_exit_2_naming_the_value(argv, message, capsys, monkeypatch):

@@ -168,33 +168,33 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--model", default="tiny", help="Hugging Face model folder, or a prepared model: tiny (default), smollm2, gemma3, tiny-FAMILY")
     sk.add_argument("--policy", default="streaming-sink",
                     help="the server's policy, NAME[:KEY=VALUE...] as eval takes it (kv_quant=int4 for quantized blocks), or 'stock'")
-    sk.add_argument("--cache", default="4+252", help="cache budget SINK+WINDOW of the policy")
-    sk.add_argument("--max-stream-tokens", type=int, default=4096,
+    sk.add_argument("--cache", type=_cache_text, default="4+252", help="cache budget SINK+WINDOW of the policy")
+    sk.add_argument("--max-stream-tokens", type=_count(), default=4096,
                     help="the policy's max_stream_tokens (the server's max_model_len); default 4096")
-    sk.add_argument("--requests", type=int, default=1000, help="requests of the random phase (0: none)")
-    sk.add_argument("--concurrency", type=int, default=8)
-    sk.add_argument("--min-prompt-tokens", type=int, default=1)
-    sk.add_argument("--max-prompt-tokens", type=int, default=3000)
-    sk.add_argument("--max-output-tokens", type=int, default=300)
-    sk.add_argument("--abort-share", type=float, default=0.2, help="share of requests the client drops on purpose")
-    sk.add_argument("--chat-share", type=float, default=0.2, help="share of requests sent through the chat API")
+    sk.add_argument("--requests", type=_count(0), default=1000, help="requests of the random phase (0: none)")
+    sk.add_argument("--concurrency", type=_count(), default=8)
+    sk.add_argument("--min-prompt-tokens", type=_count(), default=1)
+    sk.add_argument("--max-prompt-tokens", type=_count(), default=3000)
+    sk.add_argument("--max-output-tokens", type=_count(), default=300)
+    sk.add_argument("--abort-share", type=_number(0.0, 1.0), default=0.2, help="share of requests the client drops on purpose")
+    sk.add_argument("--chat-share", type=_number(0.0, 1.0), default=0.2, help="share of requests sent through the chat API")
     sk.add_argument("--request-policies", type=_json_objects, default=[],
                     help="JSON list of vllm_xargs objects, one drawn per request, e.g. "
                          "'[{}, {\"kv_policy\": \"sliding-window\"}]' ({}: the server's policy)")
-    sk.add_argument("--fault-repeats", type=int, default=5, help="repeats of each scripted fault (0: none)")
+    sk.add_argument("--fault-repeats", type=_count(0), default=5, help="repeats of each scripted fault (0: none)")
     sk.add_argument("--stop-under-load", action=argparse.BooleanOptionalAction, default=True,
                     help="end by stopping the server with streams in flight (SIGINT)")
-    sk.add_argument("--stop-timeout", type=float, default=60.0, help="seconds the server has to exit")
-    sk.add_argument("--max-seconds", type=float, default=3600.0, help="time bound of the random phase")
-    sk.add_argument("--warmup-share", type=float, default=0.2, help="RSS growth is measured after this share of requests")
-    sk.add_argument("--rss-every", type=int, default=50, help="sample RSS every N finished requests")
-    sk.add_argument("--rss-tolerance-mib", type=float, default=64.0, help="allowed RSS growth per process after warm-up")
+    sk.add_argument("--stop-timeout", type=_number(0.0, low_open=True), default=60.0, help="seconds the server has to exit")
+    sk.add_argument("--max-seconds", type=_number(0.0, low_open=True), default=3600.0, help="time bound of the random phase")
+    sk.add_argument("--warmup-share", type=_number(0.0, 0.99), default=0.2, help="RSS growth is measured after this share of requests")
+    sk.add_argument("--rss-every", type=_count(), default=50, help="sample RSS every N finished requests")
+    sk.add_argument("--rss-tolerance-mib", type=_number(0.0), default=64.0, help="allowed RSS growth per process after warm-up")
     sk.add_argument("--seed", type=int, default=0)
     sk.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    sk.add_argument("--block-size", type=int, default=32, help="KV block size (stock CPU attention needs a multiple of 32)")
-    sk.add_argument("--chunk", type=int, default=256, help="prefill chunk (max_num_batched_tokens)")
-    sk.add_argument("--max-num-seqs", type=int, default=16)
-    sk.add_argument("--kv-memory-mib", type=int, default=64, help="KV memory of the server (--kv-cache-memory-bytes)")
+    sk.add_argument("--block-size", type=_count(), default=32, help="KV block size (stock CPU attention needs a multiple of 32)")
+    sk.add_argument("--chunk", type=_count(), default=256, help="prefill chunk (max_num_batched_tokens)")
+    sk.add_argument("--max-num-seqs", type=_count(), default=16)
+    sk.add_argument("--kv-memory-mib", type=_count(), default=64, help="KV memory of the server (--kv-cache-memory-bytes)")
     sk.add_argument("--server-args", type=_csv(str), default=[], help="more vllm serve flags, comma-separated")
     sk.add_argument("--out", type=Path, default=Path("kvstream-soak"))
     return ap
@@ -372,17 +372,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 def cmd_soak(args: argparse.Namespace) -> int:
     from vllm_kvstream.soak import server_flags, soak, spec_from_args
 
-    for name in ("max_stream_tokens", "concurrency", "block_size", "chunk", "max_num_seqs", "kv_memory_mib", "rss_every"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    for name in ("requests", "fault_repeats"):
-        if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 0")
-    for name in ("warmup_share",):
-        if not 0.0 <= getattr(args, name) < 1.0:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be in [0, 1)")
-    if not args.stop_timeout > 0:
-        raise ValueError(f"--stop-timeout={args.stop_timeout} must be > 0")
     spec_from_args(args)  # every setting checked before a model is prepared or a server started
     server_flags(args)
     try:

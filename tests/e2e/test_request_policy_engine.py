@@ -47,9 +47,11 @@ def test_each_request_follows_its_own_policy_within_the_servers_memory(tiny_mode
         assert refused["error_type"] == "VLLMValidationError" and message in refused["error"], refused
     assert len(mixed["jobs"][-1]["results"][0]["token_ids"]) == 80
     for i, (name, params) in enumerate(alike):
-        ref = run_engine(_engine(tiny_model, name, **params), [{"prompts": [prompt], "sampling": sampling}])
-        assert_greedy_agree(ref["jobs"][0]["results"][0], job["results"][i], tol=TOL, min_compared=20,
-                            label=f"request {i} ({own[i]})")
+        if i:  # the requests with a policy of their own against a server running it (the server's
+            # own policy is checked against stock and the oracle by the other e2e tests)
+            ref = run_engine(_engine(tiny_model, name, **params), [{"prompts": [prompt], "sampling": sampling}])
+            assert_greedy_agree(ref["jobs"][0]["results"][0], job["results"][i], tol=TOL, min_compared=20,
+                                label=f"request {i} ({own[i]})")
         window = params["window_tokens"] + params.get("sink_tokens", 0)
         # Decoding, a request holds its sink block, its window's blocks and one being filled.
         bound = math.ceil(params.get("sink_tokens", 0) / BLOCK) + math.ceil(params["window_tokens"] / BLOCK) + 1
