@@ -190,6 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
     sk.add_argument("--rss-every", type=_count(), default=50, help="sample RSS every N finished requests")
     sk.add_argument("--rss-tolerance-mib", type=_number(0.0), default=64.0, help="allowed RSS growth per process after warm-up")
     sk.add_argument("--seed", type=int, default=0)
+    sk.add_argument("--keep-onednn-cache", action="store_true",
+                    help="keep oneDNN's primitive cache on in the server (it grows with the batch shapes seen and hides leaks)")
     sk.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     sk.add_argument("--block-size", type=_count(), default=32, help="KV block size (stock CPU attention needs a multiple of 32)")
     sk.add_argument("--chunk", type=_count(), default=256, help="prefill chunk (max_num_batched_tokens)")

@@ -18,13 +18,15 @@ class LocalServer:
     """``vllm serve MODEL FLAGS`` on 127.0.0.1 as a subprocess, output to ``log_path``; stopped
     with SIGINT on exit."""
 
-    def __init__(self, model: str, flags: Sequence[str], log_path: Path, ready_timeout: float = 600.0) -> None:
+    def __init__(self, model: str, flags: Sequence[str], log_path: Path, ready_timeout: float = 600.0,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         vllm = str(Path(sys.executable).with_name("vllm"))
         self.cmd = [vllm, "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port), *flags]
         self.log_path = log_path
         self.ready_timeout = ready_timeout
+        self.extra_env = dict(env or {})
         self.proc: subprocess.Popen | None = None
 
     def __enter__(self):
@@ -32,6 +34,7 @@ class LocalServer:
         if "--kv-cache-memory-bytes" in self.cmd:
             env.pop("VLLM_CPU_KVCACHE_SPACE", None)  # it overrides the flag
         env["HF_HUB_OFFLINE"] = "1"
+        env.update(self.extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "w")  # noqa: SIM115 (closed in __exit__)
         self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
