@@ -76,7 +76,7 @@ def test_bad_values_are_named_with_the_allowed_ones(extra, message):
 
 def test_servers_that_take_no_per_request_policy_say_why():
     quant = limits(unsupported="its KV blocks live in the plugin's pages (--kv-quant...)")
-    with pytest.raises(KVStreamConfigError, match=r"not supported by this server \(its KV blocks live"):
+    with pytest.raises(KVStreamConfigError, match=r"kv_policy_config=\{'window_tokens': 124\} is not supported by this server \(its KV blocks live"):
         request_policy({"kv_policy_config": {"window_tokens": 124}}, quant)
     assert request_policy({"unrelated": 1}, quant) is None
 

@@ -97,9 +97,10 @@ def _resolve(key: str, limits: ServerLimits) -> KVPolicy | None:
         )
     server = limits.policy
     if limits.unsupported is not None:
+        asked = ", ".join(f"{k}={v!r}" for k, v in fields.items())
         raise KVStreamConfigError(
-            f"per-request {' and '.join(f for f in FIELDS if f in fields)} is not supported by this server "
-            f"({limits.unsupported}); allowed: no kv_ fields (the request gets --kv-policy {server.name})"
+            f"per-request {asked} is not supported by this server ({limits.unsupported}); "
+            f"allowed: no kv_ fields (the request gets --kv-policy {server.name})"
         )
     name = fields.get(POLICY_FIELD, server.name)
     if not isinstance(name, str) or name not in REQUEST_POLICIES:
