@@ -32,8 +32,9 @@ def test_freed_request_counts_its_whole_row_whatever_vllm_returns(monkeypatch, t
     manager = object.__new__(kv_manager.KVStreamManager)
     manager.req_to_blocks = {"r": list(row)}
     manager.tracker = _Tracker()
+    manager.request_policies = {"r": object()}  # a policy of its own: dropped with the blocks
     returned = manager.pop_blocks_for_free("r")
     assert len(returned) == (2 if trims_leading_nulls else 5)
     # The tracker subtracts the 3 evicted blocks it counted from the row: 2 held, either way.
-    assert manager.tracker.calls == [("r", 5)]
+    assert manager.tracker.calls == [("r", 5)] and manager.request_policies == {}
     assert manager.pop_blocks_for_free("unknown") == [] and manager.tracker.calls[-1] == ("unknown", 0)
