@@ -125,92 +125,93 @@ def _refuse_if_bad(extra, limits) -> None:
         raise VLLMValidationError(describe_refusal(exc), parameter="vllm_xargs") from None
 
 
+def _wrap(owner, name: str, make) -> None:
+    """Replace ``owner.name`` by ``make(original)``, once (a second call finds it wrapped)."""
+    original = getattr(owner, name)
+    if getattr(original, "__kvstream_wrapped__", False):
+        return
+    wrapper = make(original)
+    wrapper.__kvstream_wrapped__ = True
+    setattr(owner, name, wrapper)
+
+
 def _patch_openai_requests() -> None:
     """``to_sampling_params`` of the completion and chat request models: a bad per-request
     policy is refused while the request is turned into sampling parameters, before a streaming
     response has begun (so a stream gets HTTP 400 too, not an error event inside a 200)."""
-    for path in ("vllm.entrypoints.openai.completion.protocol:CompletionRequest",
-                 "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest"):
-        cls = probe(path)
-        original = cls.to_sampling_params
-        if getattr(original, "__kvstream_wrapped__", False):
-            continue
 
-        def to_sampling_params(self, *args, __original=original, **kwargs):
-            params = __original(self, *args, **kwargs)
+    def make(original):
+        def to_sampling_params(self, *args, **kwargs):
+            params = original(self, *args, **kwargs)
             _refuse_if_bad(_extra_args(params), _server["limits"])
             return params
 
-        to_sampling_params.__kvstream_wrapped__ = True
-        cls.to_sampling_params = to_sampling_params
+        return to_sampling_params
+
+    for path in ("vllm.entrypoints.openai.completion.protocol:CompletionRequest",
+                 "vllm.entrypoints.openai.chat_completion.protocol:ChatCompletionRequest"):
+        _wrap(probe(path), "to_sampling_params", make)
 
 
 def _patch_validation() -> None:
-    InputProcessor = probe("vllm.v1.engine.input_processor:InputProcessor")
-    if getattr(InputProcessor._validate_params, "__kvstream_wrapped__", False):
-        return
-    original = InputProcessor._validate_params
+    def make(original):
+        def _validate_params(self, params, *args, **kwargs):
+            result = original(self, params, *args, **kwargs)
+            _refuse_if_bad(_extra_args(params), _limits(self))
+            return result
 
-    def _validate_params(self, params, *args, **kwargs):
-        result = original(self, params, *args, **kwargs)
-        extra = _extra_args(params)
-        if asks_for_policy(extra):
-            _refuse_if_bad(extra, _limits(self))
-        return result
+        return _validate_params
 
-    _validate_params.__kvstream_wrapped__ = True
-    InputProcessor._validate_params = _validate_params
+    _wrap(probe("vllm.v1.engine.input_processor:InputProcessor"), "_validate_params", make)
 
 
 def _patch_scheduler() -> None:
-    KVCacheManager = probe("vllm.v1.core.kv_cache_manager:KVCacheManager")
-    if getattr(KVCacheManager.allocate_slots, "__kvstream_wrapped__", False):
-        return
-    original = KVCacheManager.allocate_slots
+    def make(original):
+        def allocate_slots(self, request, *args, **kwargs):
+            extra = _extra_args(getattr(request, "sampling_params", None))
+            if asks_for_policy(extra):
+                from vllm_kvstream.adapter.kv_manager import KVStreamManager
 
-    def allocate_slots(self, request, *args, **kwargs):
-        extra = _extra_args(getattr(request, "sampling_params", None))
-        if asks_for_policy(extra):
-            from vllm_kvstream.adapter.kv_manager import KVStreamManager
+                for manager in self.coordinator.single_type_managers:
+                    if isinstance(manager, KVStreamManager):
+                        manager.bind_request(request.request_id, extra)
+            return original(self, request, *args, **kwargs)
 
-            for manager in self.coordinator.single_type_managers:
-                if isinstance(manager, KVStreamManager):
-                    manager.bind_request(request.request_id, extra)
-        return original(self, request, *args, **kwargs)
+        return allocate_slots
 
-    allocate_slots.__kvstream_wrapped__ = True
-    KVCacheManager.allocate_slots = allocate_slots
+    _wrap(probe("vllm.v1.core.kv_cache_manager:KVCacheManager"), "allocate_slots", make)
 
 
 def _patch_worker() -> None:
     Runner = probe("vllm.v1.worker.gpu_model_runner:GPUModelRunner")
-    if getattr(Runner._update_states, "__kvstream_wrapped__", False):
-        return
-    original_update = Runner._update_states
-    original_build = Runner._build_attention_metadata
 
-    def _update_states(self, scheduler_output, *args, **kwargs):
-        result = original_update(self, scheduler_output, *args, **kwargs)
-        patterns = self.__dict__.setdefault("_kvstream_patterns", {})
-        for req_id in scheduler_output.finished_req_ids:
-            patterns.pop(req_id, None)
-        for new in scheduler_output.scheduled_new_reqs:
-            extra = _extra_args(getattr(new, "sampling_params", None))
-            if asks_for_policy(extra):
-                limits = _limits(self)
-                policy = request_policy(extra, limits) if limits is not None else None  # validated upstream
-                if policy is not None:
-                    patterns[new.req_id] = policy.pattern
-        return result
+    def make_update(original):
+        def _update_states(self, scheduler_output, *args, **kwargs):
+            result = original(self, scheduler_output, *args, **kwargs)
+            patterns = self.__dict__.setdefault("_kvstream_patterns", {})
+            for req_id in scheduler_output.finished_req_ids:
+                patterns.pop(req_id, None)
+            for new in scheduler_output.scheduled_new_reqs:
+                extra = _extra_args(getattr(new, "sampling_params", None))
+                if asks_for_policy(extra):
+                    limits = _limits(self)
+                    policy = request_policy(extra, limits) if limits is not None else None  # validated upstream
+                    if policy is not None:
+                        patterns[new.req_id] = policy.pattern
+            return result
 
-    def _build_attention_metadata(self, *args, **kwargs):
-        patterns = self.__dict__.get("_kvstream_patterns")
-        _rows["patterns"] = [patterns.get(r) for r in self.input_batch.req_ids] if patterns else None
-        try:
-            return original_build(self, *args, **kwargs)
-        finally:
-            _rows["patterns"] = None
+        return _update_states
 
-    _update_states.__kvstream_wrapped__ = True
-    Runner._update_states = _update_states
-    Runner._build_attention_metadata = _build_attention_metadata
+    def make_build(original):
+        def _build_attention_metadata(self, *args, **kwargs):
+            patterns = self.__dict__.get("_kvstream_patterns")
+            _rows["patterns"] = [patterns.get(r) for r in self.input_batch.req_ids] if patterns else None
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                _rows["patterns"] = None
+
+        return _build_attention_metadata
+
+    _wrap(Runner, "_update_states", make_update)
+    _wrap(Runner, "_build_attention_metadata", make_build)
