@@ -17,8 +17,9 @@ Lines, in the order a process builds its steps (so rank files compare line by li
   (so the decisions every earlier step made).
 * ``{"kind": "position", "step": i, "policy": "S+W", "requests": [...]}`` — position policies
   (``full``, ``sliding-window``, ``streaming-sink``; ``S+W`` their sink and window tokens,
-  ``None`` for every token), written by the metadata builders: per
-  request ``seq_len``, ``q``, and the logical blocks its queries read (sink blocks, then the
+  ``None`` for every token; the server's), written by the metadata builders: per request
+  ``seq_len``, ``q``, its ``pattern`` (the server's, or the request's own: ``adapter/
+  request_policy.py``), and the logical blocks its queries read (sink blocks, then the
   blocks from the first query's window on). It is derived from the same inputs the builder
   plans from (sequence lengths and the pattern), which is the point: those inputs, and so
   the plan, must agree on every rank.
@@ -75,14 +76,18 @@ def selection_step(policy_name: str, bound) -> None:
 def position_step(pattern, block_size: int, query_start_loc, seq_lens) -> None:
     """A position policy's step: ``pattern`` its ``AttentionPattern`` (``window_tokens`` None:
     every token), ``query_start_loc`` ``[R + 1]`` and ``seq_lens`` ``[R]`` (CPU tensors)."""
+    from vllm_kvstream.adapter.request_policy import row_patterns
+
     qsl, lens = query_start_loc.tolist(), seq_lens.tolist()
-    S, W = pattern.sink_tokens, pattern.window_tokens
+    own = row_patterns() or []  # the step's rows that asked for a policy of their own
     requests = []
     for i, L in enumerate(lens):
+        pat = (own[i] if i < len(own) else None) or pattern
+        S, W = pat.sink_tokens, pat.window_tokens
         q = qsl[i + 1] - qsl[i]
         first = L - q
         n_sink = min(S, L)
         lo = 0 if W is None else max(n_sink, first - W + 1, 0)
         blocks = sorted({*range(-(-n_sink // block_size)), *range(lo // block_size, -(-L // block_size))})
-        requests.append({"seq_len": L, "q": q, "blocks": blocks})
-    _write("position", f"{S}+{W}", requests)
+        requests.append({"seq_len": L, "q": q, "pattern": f"{S}+{W}", "blocks": blocks})
+    _write("position", f"{pattern.sink_tokens}+{pattern.window_tokens}", requests)
