@@ -189,7 +189,14 @@ def main() -> None:
         out["poisoned_blocks"] = poisoned["n"]
     sys.stdout.write("\n" + json.dumps(out) + "\n")
     sys.stdout.flush()
-    os._exit(0)  # skip engine teardown (seconds) once results are out
+    # Skip engine teardown (seconds) once results are out, but take the worker processes of a
+    # multiprocess executor (tensor parallelism) along: an orphaned rank can sit in a
+    # collective for its dead peer, holding the stdout the test reads until it times out.
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        child.kill()
+    os._exit(0)
 
 
 if __name__ == "__main__":
