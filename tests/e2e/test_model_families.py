@@ -25,13 +25,15 @@ SINK, WINDOW, BLOCK, CHUNK = 4, 124, 32, 128
 #: rotation: the same code path as ``llama3``, their tables checked in tests/adapter/test_rope.py)
 #: run with ``-m slow`` to keep the default suite short.
 # The default suite streams the families whose RoPE or layers differ most (Llama-3's scaled
-# RoPE, YaRN's mscale, Gemma-3's hybrid layers with two thetas); the others are `slow` (the
-# suite's time budget): Qwen3 is plain RoPE, Gemma-2's hybrid layers and soft-cap are also
+# RoPE, Gemma-3's hybrid layers with two thetas); the others are `slow` (the suite's time
+# budget): YaRN is checked against the StreamingLLM oracle past its trained context by
+# test_scaled_rope_matches_transformers_streaming_llm_oracle, Qwen3 is plain RoPE, Gemma-2's hybrid layers and soft-cap are also
 # decoded past eviction by test_hybrid_decode_equals_teacher_forced_prefill_past_eviction, and
 # Mistral (every layer sliding) leaves KV management to vLLM.
 SERVED = [
-    "llama3", "qwen2-yarn", "gemma3",
-    *(pytest.param(f, marks=pytest.mark.slow) for f in ("qwen3", "mistral-sliding", "gemma2", "llama-linear", "llama-dynamic")),
+    "llama3", "gemma3",
+    *(pytest.param(f, marks=pytest.mark.slow)
+      for f in ("qwen2-yarn", "qwen3", "mistral-sliding", "gemma2", "llama-linear", "llama-dynamic")),
 ]
 
 
