@@ -78,6 +78,63 @@ def _gather_range(cache: torch.Tensor, block_row: torch.Tensor, lo: int, hi: int
     return tokens[start : start + (hi - lo)]
 
 
+@dataclass(frozen=True)
+class TileOperands:
+    """One request slice's attention operands in float32, as the reference defines them:
+    queries as they meet the sinks and the rest (rotated per the layout, see the module
+    docstring), the sink keys/values ``[0, n_sink)`` and the rest ``[rest_lo, seq_len)``."""
+
+    pos_q: torch.Tensor
+    pos_sink: torch.Tensor
+    pos_rest: torch.Tensor
+    q_sink: torch.Tensor  # [n, heads, D]
+    q_rest: torch.Tensor
+    k_sink: torch.Tensor  # [n_sink, kv_heads, D]
+    k_rest: torch.Tensor  # [seq_len - rest_lo, kv_heads, D]
+    v_sink: torch.Tensor
+    v_rest: torch.Tensor
+
+
+def tile_operands(query, key_cache, value_cache, block_table, req: RequestSlice, *, sink_tokens: int,
+                  window_tokens: int | None, rope: Rope | None, rope_applied: bool) -> TileOperands:
+    """The operands of ``req`` (see :class:`TileOperands`), reading only the blocks that hold
+    attended tokens."""
+    n = req.q_end - req.q_start
+    seq_len = req.seq_len
+    first = seq_len - n
+    device = query.device
+    pos_q = torch.arange(first, seq_len, device=device)
+    if window_tokens is None:
+        evicted = torch.zeros_like(pos_q)
+        lo = 0
+    else:
+        evicted = (pos_q - window_tokens + 1 - sink_tokens).clamp_min(0)
+        lo = max(0, first - window_tokens + 1)
+    base = int(evicted[0])
+    n_sink = min(sink_tokens, seq_len)
+    rest_lo = max(n_sink, lo)
+    pos_sink = torch.arange(0, n_sink, device=device)
+    pos_rest = torch.arange(rest_lo, seq_len, device=device)
+    blocks = block_table[req.block_row]
+
+    q = query[req.q_start : req.q_end].float()
+    k_sink = _gather_range(key_cache, blocks, 0, n_sink).float()
+    k_rest = _gather_range(key_cache, blocks, rest_lo, seq_len).float()
+    v_sink = _gather_range(value_cache, blocks, 0, n_sink).float()
+    v_rest = _gather_range(value_cache, blocks, rest_lo, seq_len).float()
+    if rope is not None and rope_applied:
+        q_sink = rope.rotate(q, -evicted) if n_sink and int(evicted[-1]) > 0 else q
+        q_rest = q
+    elif rope is not None:
+        q_sink = rope.rotate(q, pos_q - evicted) if n_sink else q
+        q_rest = rope.rotate(q, pos_q - base)
+        k_sink = rope.rotate(k_sink, pos_sink)
+        k_rest = rope.rotate(k_rest, pos_rest - base)
+    else:
+        q_sink = q_rest = q
+    return TileOperands(pos_q, pos_sink, pos_rest, q_sink, q_rest, k_sink, k_rest, v_sink, v_rest)
+
+
 def sink_window_attention_ref(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -107,42 +164,11 @@ def sink_window_attention_ref(
         n = req.q_end - req.q_start
         if n <= 0:
             continue
-        seq_len = req.seq_len
-        first = seq_len - n
-        device = query.device
-        pos_q = torch.arange(first, seq_len, device=device)
-        if window_tokens is None:
-            evicted = torch.zeros_like(pos_q)
-            lo = 0
-        else:
-            evicted = (pos_q - window_tokens + 1 - sink_tokens).clamp_min(0)
-            lo = max(0, first - window_tokens + 1)
-        base = int(evicted[0])
-        n_sink = min(sink_tokens, seq_len)
-        rest_lo = max(n_sink, lo)
-        pos_sink = torch.arange(0, n_sink, device=device)
-        pos_rest = torch.arange(rest_lo, seq_len, device=device)
-        blocks = block_table[req.block_row]
-
-        q = query[req.q_start : req.q_end].float()
-        k_sink = _gather_range(key_cache, blocks, 0, n_sink).float()
-        k_rest = _gather_range(key_cache, blocks, rest_lo, seq_len).float()
-        v = torch.cat(
-            (
-                _gather_range(value_cache, blocks, 0, n_sink),
-                _gather_range(value_cache, blocks, rest_lo, seq_len),
-            )
-        ).float()
-        if rope is not None and rope_applied:
-            q_sink = rope.rotate(q, -evicted) if n_sink and int(evicted[-1]) > 0 else q
-            q_rest = q
-        elif rope is not None:
-            q_sink = rope.rotate(q, pos_q - evicted) if n_sink else q
-            q_rest = rope.rotate(q, pos_q - base)
-            k_sink = rope.rotate(k_sink, pos_sink)
-            k_rest = rope.rotate(k_rest, pos_rest - base)
-        else:
-            q_sink = q_rest = q
+        ops = tile_operands(query, key_cache, value_cache, block_table, req, sink_tokens=sink_tokens,
+                            window_tokens=window_tokens, rope=rope, rope_applied=rope_applied)
+        pos_q, pos_sink, pos_rest = ops.pos_q, ops.pos_sink, ops.pos_rest
+        q_sink, q_rest, k_sink, k_rest = ops.q_sink, ops.q_rest, ops.k_sink, ops.k_rest
+        v = torch.cat((ops.v_sink, ops.v_rest))
 
         def scores(qx: torch.Tensor, kx: torch.Tensor) -> torch.Tensor:
             # [n, Hq, D] -> [Hkv, group * n, D];  [K, Hkv, D] -> [Hkv, D, K]

@@ -10,7 +10,9 @@ from vllm_kvstream.kernels import (
     RequestSlice, Rope, sink_window_attention_ref, sink_window_attention_tiled,
     write_kv_ref,
 )
-from vllm_kvstream.kernels.sink_prefill import split_requests, tile_tokens
+from vllm_kvstream.kernels.sink_prefill import (
+    flash_serves, sink_window_attention, sink_window_attention_flash, split_requests, tile_tokens,
+)
 from vllm_kvstream.policies import build_policy
 
 from tests.kernels.test_sink_attention import SMALL_POLICIES
@@ -65,3 +67,62 @@ def test_tiled_equals_reference(policy_name, params, tile, rope_applied):
     got = sink_window_attention_tiled(q, kc, vc, table, requests, tile=tile, **kw)
     assert not torch.isnan(got).any()
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def _batch(policy, gen, *, hq=6, hkv=2, d=16, bs=5, lens=(131, 40, 1, 90, 300), nq=(57, 40, 1, 13, 300)):
+    """A packed batch over a shuffled block table, the freed blocks poisoned with NaN."""
+    table = torch.full((len(lens), 80), 255, dtype=torch.int32)
+    kv = torch.randn(256, hkv, bs, 2 * d, generator=gen)
+    kc, vc = kv[..., :d], kv[..., d:]
+    used = torch.randperm(255, generator=gen).tolist()
+    requests, start = [], 0
+    for r, (L, n) in enumerate(zip(lens, nq)):
+        k = torch.randn(L, hkv, d, generator=gen)
+        v = torch.randn(L, hkv, d, generator=gen)
+        nblk = -(-L // bs)
+        row = torch.tensor([used.pop() for _ in range(nblk)])
+        slots = row.repeat_interleave(bs)[:L] * bs + torch.arange(L) % bs
+        write_kv_ref(k, v, kc, vc, slots)
+        first, last = policy.freeable_block_range(L - n, bs)
+        for b in range(first, last):
+            kv[row[b]] = float("nan")
+        table[r, :nblk] = row.to(torch.int32)
+        requests.append(RequestSlice(start, start + n, L, r))
+        start += n
+    q = torch.randn(start, hq, d, generator=gen)
+    return q, kc, vc, table, requests
+
+
+@pytest.mark.skipif(not flash_serves(torch.zeros(1), window_tokens=1, softcap=None), reason="torch lacks the fused CPU op")
+@pytest.mark.parametrize(("policy_name", "params"), [p for p in SMALL_POLICIES if build_policy(*p).pattern.window_tokens])
+@pytest.mark.parametrize("tile", [1, 7, 64, None])
+@pytest.mark.parametrize("rope_applied", [True, False])
+@pytest.mark.parametrize(("hq", "hkv", "d"), [(6, 2, 16), (3, 3, 8), (9, 3, 64)])
+def test_flash_equals_reference(policy_name, params, tile, rope_applied, hq, hkv, d):
+    gen = torch.Generator().manual_seed(11)
+    policy = build_policy(policy_name, params)
+    q, kc, vc, table, requests = _batch(policy, gen, hq=hq, hkv=hkv, d=d)
+    kw = dict(
+        sink_tokens=policy.pattern.sink_tokens, window_tokens=policy.pattern.window_tokens,
+        scale=1 / math.sqrt(d), rope=Rope.from_base(d, 10000.0, 512), rope_applied=rope_applied,
+    )
+    expected = sink_window_attention_ref(q, kc, vc, table, requests, **kw)
+    got = sink_window_attention_flash(q, kc, vc, table, requests, tile=tile, **kw)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    # the dispatcher picks it on CPU without soft-capping, the reference with it
+    torch.testing.assert_close(sink_window_attention(q, kc, vc, table, requests, **kw), expected, atol=2e-5, rtol=2e-5)
+    capped = sink_window_attention(q, kc, vc, table, requests, softcap=5.0, **kw)
+    torch.testing.assert_close(capped, sink_window_attention_ref(q, kc, vc, table, requests, softcap=5.0, **kw))
+
+
+@pytest.mark.skipif(not flash_serves(torch.zeros(1), window_tokens=1, softcap=None), reason="torch lacks the fused CPU op")
+def test_flash_bf16_close_to_float32_reference():
+    gen = torch.Generator().manual_seed(3)
+    policy = build_policy("streaming-sink", {"sink_tokens": 4, "window_tokens": 60})
+    q, kc, vc, table, requests = _batch(policy, gen)
+    kw = dict(sink_tokens=4, window_tokens=60, scale=0.25, rope=Rope.from_base(16, 10000.0, 512), rope_applied=True)
+    expected = sink_window_attention_ref(q, kc, vc, table, requests, **kw)
+    got = sink_window_attention_flash(q.bfloat16(), kc.bfloat16(), vc.bfloat16(), table, requests, **kw)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected, atol=3e-2, rtol=3e-2)
