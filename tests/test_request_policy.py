@@ -13,6 +13,8 @@ from vllm_kvstream.request_policy import FIELDS, REQUEST_POLICIES, ServerLimits,
 
 def limits(name="streaming-sink", unsupported=None, **params):
     params = params or {"sink_tokens": 4, "window_tokens": 252}
+    if name == "streaming-sink":  # token-exact numbers; the engine resolves align="block" (test_engine_args)
+        params = {"align": "token", **params}
     return ServerLimits(build_policy(name, params), block_size=16, max_query_tokens=64, trained_context=2048,
                         unsupported=unsupported)
 
@@ -49,7 +51,9 @@ def test_memory_can_never_exceed_the_servers():
         request_policy({"kv_policy_config": {"sink_tokens": 40}}, SERVER)  # 40 + 252 > the server's budget
     # An unbounded server (full) lets a request bound itself.
     full = ServerLimits(build_policy("full", {}), 16, 64, 2048)
-    assert request_policy({"kv_policy": "streaming-sink", "kv_policy_config": {"window_tokens": 500}}, full).config.window_tokens == 500
+    own = request_policy({"kv_policy": "streaming-sink", "kv_policy_config": {"window_tokens": 500}}, full)
+    # the default align="block" at the server's block size: 4 + 500 spent as 16 + 488
+    assert (own.pattern.sink_tokens, own.pattern.window_tokens) == (16, 488)
 
 
 @pytest.mark.parametrize(

@@ -95,7 +95,7 @@ def _resolve(key: str, limits: ServerLimits) -> KVPolicy | None:
         raise KVStreamConfigError(
             f"unknown per-request field(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(FIELDS)}"
         )
-    server = limits.policy
+    server = limits.policy.for_block_size(limits.block_size)  # as the engine runs it (engine_args)
     if limits.unsupported is not None:
         asked = ", ".join(f"{k}={v!r}" for k, v in fields.items())
         raise KVStreamConfigError(
@@ -133,7 +133,7 @@ def _resolve(key: str, limits: ServerLimits) -> KVPolicy | None:
         base = {}
     if server.max_stream_tokens is not None:
         base["max_stream_tokens"] = server.max_stream_tokens
-    policy = build_policy(name, {**base, **params})
+    policy = build_policy(name, {**base, **params}).for_block_size(limits.block_size)  # align="block" if asked
     if name == server.name and policy.config == server.config:
         return None
     blocks = policy.max_blocks_per_request(limits.block_size, limits.max_query_tokens, 1 << 62)

@@ -112,3 +112,30 @@ def test_engine_config_refuses_mla(monkeypatch):
     )
     with pytest.raises(KVStreamConfigError, match="does not support multi-head latent attention"):
         check_engine_config(config)
+
+
+def test_engine_config_resolves_block_alignment_for_every_process(tiny_model, caplog):
+    import logging
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvstream.adapter.request_policy import server_limits
+    from vllm_kvstream.adapter.state import policy_for
+    from vllm_kvstream.request_policy import request_policy
+
+    with caplog.at_level(logging.INFO, logger="vllm_kvstream"):
+        config = _engine_config(tiny_model)  # streaming-sink 4+124 at block size 32, align="block" by default
+    # Written back into additional_config, which the scheduler and the workers read.
+    assert config.additional_config["kv_policy_config"] == {
+        "sink_tokens": 32, "window_tokens": 96, "max_stream_tokens": 1 << 20, "align": "token",
+    }
+    assert "at block size 32 runs as streaming-sink(sink_tokens=32, window_tokens=96" in caplog.text
+    policy = policy_for(config.additional_config)
+    assert policy.max_blocks_per_request(32, 1, 1 << 40) == 5  # ceil(128 / 32) + 1
+    # A request asking align="block" is resolved at the server's block size too.
+    mine = request_policy({"kv_policy_config": {"sink_tokens": 4, "window_tokens": 60, "align": "block"}},
+                          server_limits(config))
+    assert (mine.pattern.sink_tokens, mine.pattern.window_tokens) == (32, 32)
+    cfg = {"kv_policy": "streaming-sink", "kv_policy_config": {"sink_tokens": 4, "window_tokens": 124, "align": "token"}}
+    kept = EngineArgs(model=tiny_model, dtype="float32", block_size=32, additional_config=cfg).create_engine_config()
+    assert kept.additional_config["kv_policy_config"]["sink_tokens"] == 4

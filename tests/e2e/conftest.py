@@ -25,4 +25,9 @@ def run_engine(engine: dict, jobs: list[dict], timeout: int = 900, env: dict | N
 
 
 def policy_config(name: str, **params) -> dict:
+    """``additional_config`` of a policy. ``streaming-sink`` keeps the given sinks and window
+    token-exact (``align="token"``) unless ``align`` is given: the oracles these tests compare
+    with are StreamingLLM's at exactly those numbers (``test_block_aligned_*`` tests the default)."""
+    if name == "streaming-sink":
+        params = {"align": "token", **params}
     return {"kv_policy": name, "kv_policy_config": params}

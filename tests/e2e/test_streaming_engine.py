@@ -148,3 +148,27 @@ def test_concurrent_batch_with_prefix_caching_equals_alone(tiny_model):
     assert all(0 < h <= bound(CHUNK) for h in batch["peak_held"])
     assert batch["peak_used"] <= 8 * bound(CHUNK)
     assert batch["free_end"] == batch["free_start"]
+
+
+def test_block_aligned_default_holds_its_budget_and_matches_the_oracle(tiny_model):
+    """The default ``align="block"``: 4+60 at block 16 runs as 16 sinks + a 48-token window, a
+    decoding stream holds ceil(64 / 16) + 1 = 5 blocks (4+60 token-exact holds 6), and its
+    log-probabilities are StreamingLLM's at 16+48 (same oracle, same tolerance)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from vllm_kvstream.reference.streaming_llm import streaming_logprobs
+
+    prompt, steps = [7, 1234, 99, 4321, 555], 4 * (SINK + WINDOW)
+    job = {"prompts": [prompt], "sampling": {"max_tokens": steps, "temperature": 0.0, "logprobs": 0, "ignore_eos": True}}
+    aligned = {"kv_policy": "streaming-sink", "kv_policy_config": {"sink_tokens": SINK, "window_tokens": WINDOW}}
+    out = run_engine(tiny_engine(tiny_model, additional_config=aligned), [job])
+    token = run_engine(tiny_engine(tiny_model), [job])  # policy_config: align="token"
+    res = out["jobs"][0]["results"][0]
+    assert out["jobs"][0]["peak_held_decode"] == [-(-(SINK + WINDOW) // BLOCK) + 1] == [5]
+    assert token["jobs"][0]["peak_held_decode"] == [6]
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+    tokens = prompt + res["token_ids"]
+    ref = streaming_logprobs(model, tokens, sink_tokens=16, window_tokens=48)
+    expected = [float(ref[len(prompt) + i - 1, t]) for i, t in enumerate(res["token_ids"])]
+    assert max(abs(a - b) for a, b in zip(res["logprobs"], expected)) < 2e-3

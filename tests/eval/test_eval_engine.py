@@ -50,7 +50,7 @@ def test_streaming_sink_perplexity_equals_oracle(smollm2, austen_tokens, hf_mode
 
     cache = Cache(4, 252)
     tokens = austen_tokens[: 4 * 256]
-    (run,) = plan_runs(["streaming-sink"], [cache])
+    (run,) = plan_runs(["streaming-sink:align=token"], [cache])  # StreamingLLM's 4 sinks exactly
     got = token_logprobs(smollm2, tokens, run, chunk=256)
     ref = streaming_logprobs(hf_model, tokens, sink_tokens=4, window_tokens=252)
     expected = [float(ref[i - 1, tokens[i]]) for i in range(1, len(tokens))]

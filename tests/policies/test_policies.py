@@ -133,3 +133,41 @@ def test_params_for_cache_gives_the_same_budget():
             continue
         pattern = build_policy(name, params).pattern
         assert pattern.sink_tokens + pattern.window_tokens == 256, name
+
+
+@settings(max_examples=200, deadline=None)
+@given(sink=st.integers(1, 200), window=st.integers(1, 3000), block=st.sampled_from([1, 16, 32, 64, 128]))
+def test_block_alignment_spends_the_budget_on_whole_sink_blocks(sink, window, block):
+    pol = build_policy("streaming-sink", {"sink_tokens": sink, "window_tokens": window})
+    assert pol.config.align == "block"  # the default
+    sinks = -(-sink // block) * block
+    if sink + window - sinks < block:
+        with pytest.raises(KVStreamConfigError, match=f"align='block' rounds sink_tokens={sink} up to {sinks}"):
+            pol.for_block_size(block)
+        return
+    run = pol.for_block_size(block)
+    pat = run.pattern
+    assert run.config.align == "token" and run.for_block_size(block) is run  # resolved once
+    assert pat.sink_tokens == sinks and pat.sink_tokens % block == 0
+    assert pat.sink_tokens + pat.window_tokens == sink + window  # every query attends the whole budget
+    # A decoding stream holds exactly ceil((S + W) / block) + 1 blocks; token alignment one more
+    # whenever the sinks leave part of their block unused and the window is unaligned.
+    assert run.max_blocks_per_request(block, 1, 1 << 40) == -(-(sink + window) // block) + 1
+    token = build_policy("streaming-sink", {"sink_tokens": sink, "window_tokens": window, "align": "token"})
+    assert token.for_block_size(block) is token
+    assert token.max_blocks_per_request(block, 1, 1 << 40) == -(-sink // block) + -(-window // block) + 1
+    # What the resolved policy frees is never attended again (the scheduler frees by it).
+    for processed in (sink + window, 3 * (sink + window) + 7):
+        first, last = run.freeable_block_range(processed, block)
+        needed = {t // block for q in range(processed, processed + 2 * block) for r in run.attended_ranges(q) for t in r}
+        assert not needed & set(range(first, last))
+
+
+def test_block_alignment_refusal_names_values_and_allowed():
+    pol = build_policy("streaming-sink", {"sink_tokens": 4, "window_tokens": 60})
+    with pytest.raises(KVStreamConfigError) as err:
+        pol.for_block_size(64)
+    assert "leaves window_tokens=0 of the budget 4+60; allowed: sink_tokens + window_tokens >= 128, or align='token'" in str(err.value)
+    with pytest.raises(KVStreamConfigError, match="align='diagonal'"):
+        build_policy("streaming-sink", {"align": "diagonal"})
+    assert build_policy("sliding-window", {"window_tokens": 100}).for_block_size(64).pattern.window_tokens == 100

@@ -217,7 +217,15 @@ def check_engine_config(vllm_config) -> None:
         )
     trained = getattr(hf, "max_position_embeddings", None)
     block_size = vllm_config.cache_config.block_size
-    policy.check_engine_fit(block_size=block_size, trained_context=trained)
+    policy.check_engine_fit(block_size=block_size, trained_context=trained)  # the numbers as given
+    resolved = policy.for_block_size(block_size)  # streaming-sink's align="block" (policies/streaming_sink.py)
+    if resolved is not policy:
+        # Written back into additional_config, which every process of the engine reads its
+        # policy from: the scheduler, the workers and the per-request checks all see the
+        # token-exact pattern the block size gave.
+        vllm_config.additional_config[PARAMS_KEY] = resolved.config.model_dump()
+        logger.info("vllm-kvstream: %s at block size %d runs as %s", policy.describe(), block_size, resolved.describe())
+        resolved.check_engine_fit(block_size=block_size, trained_context=trained)
     from vllm_kvstream.adapter.kv_manager import page_layout
 
     page_layout(  # raises naming the bad value (block or head size, a float32 model in 16-bit pages)

@@ -123,6 +123,12 @@ class KVPolicy(ABC):
             return (range(win_lo, end),)
         return (range(0, sink_hi), range(win_lo, end))
 
+    def for_block_size(self, block_size: int) -> KVPolicy:
+        """The policy as it runs at ``block_size`` (resolved once, when the engine knows its
+        block size): ``self``, unless the policy shapes its pattern to blocks
+        (``streaming-sink``'s ``align``)."""
+        return self
+
     def memory_pattern(self, block_size: int) -> AttentionPattern:
         """The sink + window whose blocks the scheduler holds (freeing and sizing follow it):
         :attr:`pattern`, unless a policy's memory is shaped by the block size."""
