@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="cap the stream for policies without a cache size (full attention is O(n^2)); default: --tokens")
     ppl.add_argument("--segment", type=_count(), default=1024, help="tokens per perplexity segment")
     ppl.add_argument("--tail", type=_count(), default=8192, help="report perplexity of the last TAIL tokens too")
+    ppl.add_argument("--snapshot-every", type=_count(0), default=65536,
+                     help="save a running stream's state every this many tokens, so an interrupted evaluation "
+                          "continues from there (0: only finished runs are kept)")
 
     pk = ev.add_parser("passkey", help="passkey retrieval accuracy")
     _common(pk)
@@ -221,8 +224,12 @@ class _Bar:
         from tqdm import tqdm
 
         self.bar = tqdm(desc=desc, unit="tok", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
+        self.started = False
 
     def __call__(self, done: int, total: int) -> None:
+        if not self.started:  # a resumed run starts where its snapshot was: rate and ETA count from there
+            self.started = True
+            self.bar.initial = done
         self.bar.total = total
         self.bar.n = done
         self.bar.refresh()
@@ -267,6 +274,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         load_checkpoint,
         plan_runs,
         save_checkpoint,
+        snapshot_path,
         token_logprobs,
         write_blocks,
         write_outputs,
@@ -296,12 +304,21 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         else:
             bar = _Bar(run.label)
             blocks[run.label] = {}
+            # An interrupted run continues from its last snapshot (every --snapshot-every tokens).
+            snap = snapshot_path(out, model, stream, run, settings) if args.snapshot_every else None
+            if snap is not None:
+                snap.parent.mkdir(parents=True, exist_ok=True)
+                if snap.exists():
+                    log.warning("%s: continuing from the snapshot %s", run.label, snap)
             try:
                 results[run.label] = token_logprobs(model, stream, run, dtype=args.dtype, chunk=args.chunk,
-                                                    block_size=args.block_size, progress=bar, blocks=blocks[run.label])
+                                                    block_size=args.block_size, progress=bar, blocks=blocks[run.label],
+                                                    snapshot=snap, snapshot_every=args.snapshot_every)
             finally:
                 bar.close()
             save_checkpoint(out, model, stream, run, settings, results[run.label], blocks[run.label])
+            if snap is not None:
+                snap.unlink(missing_ok=True)  # the finished run's checkpoint replaces it
         write_blocks(out, blocks)
         log.info("%s: peak %d KV blocks held (every group), %d after the stream", run.label,
                  blocks[run.label]["peak"], blocks[run.label]["after"])

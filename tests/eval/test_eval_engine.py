@@ -3,6 +3,7 @@
 oracle, and the command line runs end to end."""
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -113,3 +114,43 @@ def test_64k_stream_streaming_sink_stays_fluent_sliding_window_does_not(smollm2)
     head, tail = perplexity(lp_sink[:8192]), perplexity(lp_sink[-8192:])
     assert tail < 1.5 * head, (head, tail)  # no collapse 56K tokens past the trained context
     assert perplexity(lp_window[-8192:]) > 1.2 * tail  # losing the sinks costs quality
+
+
+@pytest.mark.parametrize("quant", [{}, {"kv_quant": "int4"}], ids=["float", "int4"])
+def test_interrupted_stream_continues_from_its_snapshot_exactly(tiny_model, tmp_path, quant):
+    """A stream stopped after two snapshots and run again continues from the second one (the
+    blocks the policy keeps, their contents in every layer, the quantization statistics, the
+    log-probs so far) and ends with the log-probs of the same stream run whole."""
+    import random
+
+    from vllm_kvstream.eval.ppl import Cache, Run, token_logprobs
+
+    rng = random.Random(5)
+    tokens = [rng.randrange(100, 40000) for _ in range(2100)]
+    run = Run("streaming-sink", Cache(4, 124), {"sink_tokens": 4, "window_tokens": 124, "align": "token"}, quant=quant)
+    kw = {"chunk": 128, "block_size": 16}
+    whole_blocks: dict = {}
+    whole = token_logprobs(tiny_model, tokens, run, blocks=whole_blocks, **kw)
+    snap = tmp_path / "run.snapshot.pt"
+    stopped = token_logprobs(tiny_model, tokens, run, snapshot=snap, snapshot_every=512, stop_after_snapshots=2, **kw)
+    assert stopped is None and snap.exists()
+    sabotaged = tmp_path / "sabotaged.snapshot.pt"
+    shutil.copy(snap, sabotaged)
+    blocks: dict = {}
+    again = token_logprobs(tiny_model, tokens, run, snapshot=snap, snapshot_every=512, blocks=blocks, **kw)
+    assert blocks["resumed_from"] == 1024  # the second snapshot: only the rest was computed
+    assert len(again) == len(whole) == len(tokens) - 1
+    assert max(abs(a - b) for a, b in zip(again, whole)) < 1e-4
+    assert blocks["after"] == 0 and blocks["peak"] <= whole_blocks["peak"]
+    if not quant:
+        # The blocks' contents are what carries the stream: the same snapshot with its KV
+        # zeroed continues into other log-probs.
+        import torch
+
+        state = torch.load(sabotaged, weights_only=False)
+        for layer in state["layers"].values():
+            layer["blocks"].zero_()
+        torch.save(state, sabotaged)
+        wrong = token_logprobs(tiny_model, tokens, run, snapshot=sabotaged, snapshot_every=0, **kw)
+        assert wrong[:1024] == whole[:1024] or max(abs(a - b) for a, b in zip(wrong[:1024], whole[:1024])) < 1e-4
+        assert max(abs(a - b) for a, b in zip(wrong[1024:1200], whole[1024:1200])) > 1e-2

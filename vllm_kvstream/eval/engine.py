@@ -138,34 +138,162 @@ def _computed_tokens(engine) -> int:
     return sum(r.num_computed_tokens for r in scheduler.requests.values())
 
 
+def _worker_runner(engine):
+    """The model runner of the in-process engine (one worker: ``UniProcExecutor``)."""
+    return engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
+
+
+def _layer_caches(engine) -> dict[str, tuple[Any, Any, int]]:
+    """``{layer name: (KV group, layer, its cache tensor)}`` of every attention layer."""
+    runner = _worker_runner(engine)
+    groups = {name: g for g, group in enumerate(runner.kv_cache_config.kv_cache_groups) for name in group.layer_names}
+    ctx = runner.vllm_config.compilation_config.static_forward_context
+    out = {}
+    for name, layer in ctx.items():
+        if name in groups and hasattr(layer, "kv_cache"):
+            cache = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
+            out[name] = (groups[name], layer, cache)
+    return out
+
+
+def _block_dim(cache, num_blocks: int) -> int:
+    """The dimension of a layer's cache tensor that indexes blocks (its size is the pool's)."""
+    for dim, size in enumerate(cache.shape):
+        if size == num_blocks:
+            return dim
+    raise RuntimeError(f"no dimension of a KV cache of shape {tuple(cache.shape)} has the pool's {num_blocks} blocks")
+
+
+def _only_request(engine) -> str:
+    """The engine's id of the one request it holds (vLLM suffixes the id a caller gives)."""
+    ids = list(engine.engine_core.engine_core.scheduler.requests)
+    if len(ids) != 1:
+        raise RuntimeError(f"a snapshot is of a stream run alone; the engine holds {len(ids)} requests")
+    return ids[0]
+
+
+def take_snapshot(engine, rid: str, logprobs_so_far: list[float], extra: dict[str, Any]) -> dict[str, Any]:
+    """Everything a stream's continuation depends on, at a step boundary: tokens computed, the
+    log-probs of the tokens they predict, per KV group the logical indices of the blocks the
+    request still holds, those blocks' contents in every layer, and each layer's online
+    quantization statistics (``--kv-quant``). What the policy keeps is a function of the
+    position, so nothing else is needed (a block-selecting policy is refused: its selection
+    store is not saved)."""
+    import torch
+
+    core = engine.engine_core.engine_core
+    req = core.scheduler.requests[rid]
+    n = int(req.num_computed_tokens)
+    managers = core.scheduler.kv_cache_manager.coordinator.single_type_managers
+    kept = [[(i, b.block_id) for i, b in enumerate(m.req_to_blocks.get(rid, ())) if not b.is_null] for m in managers]
+    pool = core.scheduler.kv_cache_manager.block_pool
+    layers = {}
+    for name, (g, layer, cache) in _layer_caches(engine).items():
+        dim = _block_dim(cache, pool.num_gpu_blocks)
+        ids = torch.tensor([b for _, b in kept[g]], dtype=torch.long, device=cache.device)
+        stats = getattr(layer.impl, "stats", None)
+        layers[name] = {"dim": dim, "blocks": cache.index_select(dim, ids).cpu().clone(), "stats": stats}
+    return {"tokens_computed": n, "logprobs": list(logprobs_so_far), "kept": [[i for i, _ in k] for k in kept],
+            "layers": layers, **extra}
+
+
+def restore_snapshot(engine, rid: str, snap: dict[str, Any]) -> None:
+    """Give the request ``rid`` (added, not yet scheduled) the state :func:`take_snapshot` saved:
+    fresh blocks at the kept logical indices (the null block at the others, as the manager
+    leaves freed ones), their contents copied in, ``num_computed_tokens`` set. The scheduler
+    then continues the prefill from there, as it does a request whose KV was loaded (its
+    ``num_computed_tokens > 0`` branch for waiting requests)."""
+    import torch
+
+    core = engine.engine_core.engine_core
+    req = core.scheduler.requests[rid]
+    n = int(snap["tokens_computed"])
+    kvm = core.scheduler.kv_cache_manager
+    pool = kvm.block_pool
+    new_ids = []
+    for mgr, kept in zip(kvm.coordinator.single_type_managers, snap["kept"]):
+        fresh = pool.get_new_blocks(len(kept))
+        row = [pool.null_block] * (-(-n // mgr.block_size))
+        for i, block in zip(kept, fresh):
+            row[i] = block
+        mgr.req_to_blocks[rid] = row
+        new_ids.append([b.block_id for b in fresh])
+    for name, (g, layer, cache) in _layer_caches(engine).items():
+        saved = snap["layers"][name]
+        ids = torch.tensor(new_ids[g], dtype=torch.long, device=cache.device)
+        cache.index_copy_(saved["dim"], ids, saved["blocks"].to(cache.device))
+        if saved["stats"] is not None:
+            layer.impl.stats = saved["stats"]
+    req.num_computed_tokens = n
+
+
+def _save(path: Path, obj: dict[str, Any]) -> None:
+    import torch
+
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)  # never half written
+
+
 def _prompt_logprobs(llm, job: dict[str, Any]) -> dict[str, Any]:
+    """``job``: ``tokens``; optional ``snapshot`` (a path), ``snapshot_every`` (tokens): every
+    that many tokens the stream's state is saved there (:func:`take_snapshot`), and a job whose
+    snapshot exists continues from it, computing only what is left. ``stop_after_snapshots``
+    ends the job after that many (tests interrupt a stream so)."""
+    import torch
     from vllm import SamplingParams
 
     engine = llm.llm_engine
     tokens = job["tokens"]
+    snap_path = Path(job["snapshot"]) if job.get("snapshot") else None
+    every = int(job.get("snapshot_every") or 0)
+    stop_after = job.get("stop_after_snapshots")
     pool = engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
     free_start = pool.get_num_free_blocks()
-    engine.add_request("ppl", {"prompt_token_ids": tokens}, SamplingParams(max_tokens=1, prompt_logprobs=0))
-    result = None
-    last = 0.0
-    peak = 0
+    # detokenize=False: a continued stream's prompt log-probs before the snapshot are not
+    # computed again (their slots are unset); they come from the snapshot, never decoded.
+    engine.add_request("ppl", {"prompt_token_ids": tokens},
+                       SamplingParams(max_tokens=1, prompt_logprobs=0, detokenize=False))
+    snap = torch.load(snap_path, weights_only=False) if snap_path is not None and snap_path.exists() else None
     # (tokens computed, KV blocks in use: every group, vLLM's pool; resident memory of this
     # process, which runs the engine core and the worker: VLLM_ENABLE_V1_MULTIPROCESSING=0)
     blocks: list[tuple[int, int, float]] = []
+    peak = 0
+    start = 0
+    if snap is not None:
+        restore_snapshot(engine, _only_request(engine), snap)
+        start, blocks, peak = snap["tokens_computed"], list(snap["blocks"]), snap["peak"]
+    result = None
+    last = 0.0
+    taken = 0
+    next_snap = (start // every + 1) * every if every else None
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                result = [lp[tok].logprob for lp, tok in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])]
+                done = snap["logprobs"] if snap is not None else []
+                result = done + [lp[tok].logprob for lp, tok in
+                                 zip(out.prompt_logprobs[1 + len(done):], out.prompt_token_ids[1 + len(done):])]
         used = free_start - pool.get_num_free_blocks()
         peak = max(peak, used)
+        computed = _computed_tokens(engine)
         if time.monotonic() - last > 2.0:
             last = time.monotonic()
-            done = _computed_tokens(engine)
-            blocks.append((done, used, rss_mib()))
-            _report(done, len(tokens))
+            blocks.append((computed, used, rss_mib()))
+            _report(computed, len(tokens))
+        if next_snap is not None and result is None and next_snap <= computed < len(tokens):
+            runner = _worker_runner(engine)
+            rid = _only_request(engine)
+            partial = runner.requests[rid].in_progress_prompt_logprobs_cpu
+            done = snap["logprobs"] if snap is not None else []
+            fresh = partial.logprobs[len(done):computed, 0].tolist() if partial is not None else []
+            _save(snap_path, take_snapshot(engine, rid, done + fresh, {"blocks": blocks, "peak": peak}))
+            next_snap = (computed // every + 1) * every
+            taken += 1
+            if stop_after is not None and taken >= stop_after:
+                return {"interrupted_at": computed}
     _report(len(tokens), len(tokens))
     return {"logprobs": result, "blocks": blocks, "peak_blocks": peak,
-            "blocks_after": free_start - pool.get_num_free_blocks()}
+            "blocks_after": free_start - pool.get_num_free_blocks(), "resumed_from": start}
 
 
 def _generate(llm, job: dict[str, Any]) -> dict[str, Any]:

@@ -142,21 +142,41 @@ def token_logprobs(
     block_size: int | None = None,
     progress: Callable[[int, int], None] | None = None,
     blocks: dict | None = None,
-) -> list[float]:
+    snapshot: Path | None = None,
+    snapshot_every: int = 0,
+    stop_after_snapshots: int | None = None,
+) -> list[float] | None:
     """Log-probability of ``tokens[i + 1]`` given ``tokens[: i + 1]`` through vLLM under ``run``
     (``None``: stock vLLM). ``blocks``, when given, receives the KV blocks the stream held as it
     went (every group, read from vLLM's pool): ``series`` ``[(tokens computed, blocks)]``,
-    ``peak`` and ``after`` (held once the stream finished: 0 unless blocks leak)."""
+    ``peak`` and ``after`` (held once the stream finished: 0 unless blocks leak), and
+    ``resumed_from`` (tokens a snapshot had computed; 0 for a stream run whole).
+
+    ``snapshot``: a file where the stream's state is saved every ``snapshot_every`` tokens (at
+    the first step boundary past each multiple) and from which a stream interrupted after one
+    continues exactly: the log-probs computed so far, the blocks the policy keeps with their
+    contents in every layer, the quantization statistics (``eval/engine.py``,
+    ``take_snapshot``). ``stop_after_snapshots`` interrupts the stream on purpose (returns
+    ``None``)."""
     dtype_bytes = 4 if dtype == "float32" else 2
     policy = None if run is None or run.policy == STOCK else run.policy
     bounded = run is not None and run.cache is not None
+    if snapshot is not None and run is not None and policy is not None and get_policy_class(policy).selects_blocks:
+        raise ValueError(f"{run.label}: a snapshot holds what position policies keep; allowed with snapshots: "
+                         "streaming-sink, sliding-window, full, stock (a block-selecting policy's store is not saved)")
     kw = engine_kwargs(model, policy, run.params if run else None, dtype=dtype, chunk=chunk, block_size=block_size,
                        max_model_len=None if bounded else len(tokens) + 16, quant=run.quant if run else None)
     tokens_held = (run.cache.sink_tokens + run.cache.window_tokens + 4 * chunk) if bounded else len(tokens) + 2 * chunk
     gib = tokens_held * kv_bytes_per_token(model, dtype_bytes) / 2**30 + 0.5
-    result = run_job(kw, {"kind": "prompt_logprobs", "tokens": list(tokens)}, kv_cache_gib=gib, progress=progress)
+    job = {"kind": "prompt_logprobs", "tokens": list(tokens)}
+    if snapshot is not None:
+        job.update(snapshot=str(snapshot), snapshot_every=snapshot_every, stop_after_snapshots=stop_after_snapshots)
+    result = run_job(kw, job, kv_cache_gib=gib, progress=progress)
+    if "interrupted_at" in result:
+        return None
     if blocks is not None:
-        blocks.update(series=result["blocks"], peak=result["peak_blocks"], after=result["blocks_after"])
+        blocks.update(series=result["blocks"], peak=result["peak_blocks"], after=result["blocks_after"],
+                      resumed_from=result["resumed_from"])
     return result["logprobs"]
 
 
@@ -177,6 +197,15 @@ def checkpoint_path(out_dir: Path, label: str) -> Path:
     """Where a run's per-token log-probs are kept once it finished (``runs/LABEL.json``)."""
     safe = "".join(c if c.isalnum() or c in "+-_." else "_" for c in label)
     return out_dir / "runs" / f"{safe}.json"
+
+
+def snapshot_path(out_dir: Path, model: Path, tokens: Sequence[int], run: Run, settings: dict) -> Path:
+    """Where an unfinished run keeps its snapshot (``runs/LABEL.KEY.snapshot.pt``): the name
+    carries a digest of the run's key, so a snapshot only ever continues the same stream, model,
+    run and settings."""
+    key = hashlib.sha256(json.dumps(_checkpoint_key(model, tokens, run, settings), sort_keys=True).encode()).hexdigest()
+    path = checkpoint_path(out_dir, run.label)
+    return path.with_name(f"{path.stem}.{key[:12]}.snapshot.pt")
 
 
 def _checkpoint_key(model: Path, tokens: Sequence[int], run: Run, settings: dict) -> dict:
