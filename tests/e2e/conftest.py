@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 
 RUNNER = Path(__file__).with_name("engine_runner.py")
 

@@ -46,7 +46,7 @@ def test_full_perplexity_equals_transformers(smollm2, austen_tokens, hf_model):
 
 
 def test_streaming_sink_perplexity_equals_oracle(smollm2, austen_tokens, hf_model):
-    from vllm_kvstream.eval.ppl import Cache, Run, perplexity, plan_runs, token_logprobs
+    from vllm_kvstream.eval.ppl import Cache, perplexity, plan_runs, token_logprobs
     from vllm_kvstream.reference.streaming_llm import streaming_logprobs
 
     cache = Cache(4, 252)

@@ -191,6 +191,35 @@ def write_blocks(out_dir: Path, blocks: dict[str, dict]) -> None:
         for label, b in blocks.items():
             for done, used, rss in b["series"]:
                 w.writerow([label, done, used, f"{rss:.1f}", b["peak"], b["after"]])
+    plot_blocks(out_dir / "ppl_blocks.png", blocks)
+
+
+def plot_blocks(path: Path, blocks: dict[str, dict]) -> None:
+    """KV blocks held and the engine process's RSS against tokens computed, one line per run
+    (what ``ppl_blocks.csv`` holds): flat lines are the bounded-memory claim."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_b, ax_r) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for label, b in blocks.items():
+        series = b.get("series") or []
+        if not series:
+            continue
+        done = [d for d, _, _ in series]
+        ax_b.plot(done, [u for _, u, _ in series], label=label, linewidth=1.0)
+        ax_r.plot(done, [r for _, _, r in series], label=label, linewidth=1.0)
+    ax_b.set_ylabel("KV blocks held (vLLM's pool)")
+    ax_r.set_ylabel("engine process RSS (MiB)")
+    ax_r.set_xlabel("tokens computed")
+    ax_b.set_ylim(bottom=0)
+    for ax in (ax_b, ax_r):
+        ax.grid(alpha=0.3)
+    ax_b.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def checkpoint_path(out_dir: Path, label: str) -> Path:
