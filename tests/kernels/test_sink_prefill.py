@@ -32,43 +32,6 @@ def test_tile_follows_window_within_bounds():
     assert tile_tokens(3) == 64 and tile_tokens(252) == 252 and tile_tokens(4092) == 512
 
 
-@pytest.mark.parametrize(("policy_name", "params"), SMALL_POLICIES)
-@pytest.mark.parametrize("tile", [1, 7, 16, 1000, None])
-@pytest.mark.parametrize("rope_applied", [True, False])
-def test_tiled_equals_reference(policy_name, params, tile, rope_applied):
-    gen = torch.Generator().manual_seed(7)
-    policy = build_policy(policy_name, params)
-    hq, hkv, d, bs = 6, 2, 16, 5
-    lens, nq = [131, 40, 1, 90], [57, 40, 1, 13]
-    table = torch.full((len(lens), 40), 255, dtype=torch.int32)
-    kv = torch.randn(256, hkv, bs, 2 * d, generator=gen)
-    kc, vc = kv[..., :d], kv[..., d:]
-    used = torch.randperm(255, generator=gen).tolist()
-    requests, start = [], 0
-    for r, (L, n) in enumerate(zip(lens, nq)):
-        k = torch.randn(L, hkv, d, generator=gen)
-        v = torch.randn(L, hkv, d, generator=gen)
-        nblk = -(-L // bs)
-        row = torch.tensor([used.pop() for _ in range(nblk)])
-        slots = row.repeat_interleave(bs)[:L] * bs + torch.arange(L) % bs
-        write_kv_ref(k, v, kc, vc, slots)
-        first, last = policy.freeable_block_range(L - n, bs)
-        for b in range(first, last):
-            kv[row[b]] = float("nan")
-        table[r, :nblk] = row.to(torch.int32)
-        requests.append(RequestSlice(start, start + n, L, r))
-        start += n
-    q = torch.randn(start, hq, d, generator=gen)
-    kw = dict(
-        sink_tokens=policy.pattern.sink_tokens, window_tokens=policy.pattern.window_tokens,
-        scale=1 / math.sqrt(d), rope=Rope.from_base(d, 10000.0, 256), rope_applied=rope_applied,
-    )
-    expected = sink_window_attention_ref(q, kc, vc, table, requests, **kw)
-    got = sink_window_attention_tiled(q, kc, vc, table, requests, tile=tile, **kw)
-    assert not torch.isnan(got).any()
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
 def _batch(policy, gen, *, hq=6, hkv=2, d=16, bs=5, lens=(131, 40, 1, 90, 300), nq=(57, 40, 1, 13, 300)):
     """A packed batch over a shuffled block table, the freed blocks poisoned with NaN."""
     table = torch.full((len(lens), 80), 255, dtype=torch.int32)
@@ -91,6 +54,24 @@ def _batch(policy, gen, *, hq=6, hkv=2, d=16, bs=5, lens=(131, 40, 1, 90, 300), 
         start += n
     q = torch.randn(start, hq, d, generator=gen)
     return q, kc, vc, table, requests
+
+
+@pytest.mark.parametrize(("policy_name", "params"), SMALL_POLICIES)
+@pytest.mark.parametrize("tile", [1, 7, 16, 1000, None])
+@pytest.mark.parametrize("rope_applied", [True, False])
+def test_tiled_equals_reference(policy_name, params, tile, rope_applied):
+    gen = torch.Generator().manual_seed(7)
+    policy = build_policy(policy_name, params)
+    d = 16
+    q, kc, vc, table, requests = _batch(policy, gen, lens=(131, 40, 1, 90), nq=(57, 40, 1, 13))
+    kw = dict(
+        sink_tokens=policy.pattern.sink_tokens, window_tokens=policy.pattern.window_tokens,
+        scale=1 / math.sqrt(d), rope=Rope.from_base(d, 10000.0, 256), rope_applied=rope_applied,
+    )
+    expected = sink_window_attention_ref(q, kc, vc, table, requests, **kw)
+    got = sink_window_attention_tiled(q, kc, vc, table, requests, tile=tile, **kw)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not flash_serves(torch.zeros(1), window_tokens=1, softcap=None), reason="torch lacks the fused CPU op")
