@@ -132,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--snapshot-every", type=_count(0), default=65536,
                      help="save a running stream's state every this many tokens, so an interrupted evaluation "
                           "continues from there (0: only finished runs are kept)")
+    ppl.add_argument("--partial", action="store_true",
+                     help="compute nothing: write the outputs from the finished runs and the snapshots of "
+                          "unfinished ones in OUT (where an interrupted evaluation stands)")
 
     pk = ev.add_parser("passkey", help="passkey retrieval accuracy")
     _common(pk)
@@ -273,6 +276,7 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     from vllm_kvstream.eval.ppl import (
         load_checkpoint,
         plan_runs,
+        load_snapshot_progress,
         save_checkpoint,
         snapshot_path,
         token_logprobs,
@@ -298,6 +302,13 @@ def cmd_ppl(args: argparse.Namespace) -> int:
         # A run that finished before (an interrupted evaluation started again) is read back,
         # not recomputed: each run is kept in OUT/runs/ as soon as it ends.
         saved = load_checkpoint(out, model, stream, run, settings)
+        if saved is None and args.partial:  # report where an unfinished run stands, compute nothing
+            saved = load_snapshot_progress(snapshot_path(out, model, stream, run, settings))
+            if saved is None:
+                log.warning("%s: neither finished nor snapshotted in %s; left out", run.label, out / "runs")
+                continue
+            log.warning("%s: unfinished, reported up to token %d (its last snapshot)", run.label,
+                        len(saved["logprobs"]))
         if saved is not None:
             log.info("%s: resumed from %s", run.label, out / "runs")
             results[run.label], blocks[run.label] = saved["logprobs"], saved["blocks"]

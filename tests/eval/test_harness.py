@@ -3,6 +3,7 @@ passkey prompt construction, and the files it writes."""
 
 import csv
 import math
+from pathlib import Path
 
 import pytest
 
@@ -150,3 +151,34 @@ def test_checkpoint_round_trip_and_refusal_of_another_stream(tmp_path):
     assert load_checkpoint(tmp_path, tmp_path / "other", [1, 2, 3], run, settings) is None
     path.write_text("{not json")
     assert load_checkpoint(tmp_path, model, [1, 2, 3], run, settings) is None
+
+
+def test_partial_report_reads_an_unfinished_runs_snapshot(tmp_path, tiny_model):
+    """``eval ppl --partial`` computes nothing: a finished run comes from its checkpoint, an
+    unfinished one from its snapshot (as far as it got), a run with neither is left out."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from vllm_kvstream.cli import main
+    from vllm_kvstream.data import load_text
+    from vllm_kvstream.eval.engine import leading_special_tokens
+    from vllm_kvstream.eval.ppl import plan_runs, snapshot_path
+
+    text = tmp_path / "text.txt"
+    text.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 40)
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    tokens = (leading_special_tokens(tok) + tok.encode(text.read_text(), add_special_tokens=False))[:300]
+    out = tmp_path / "out"
+    (run,) = plan_runs(["streaming-sink"], [Cache(4, 124)])
+    settings = {"dtype": "float32", "chunk": 2048, "block_size": None}
+    snap = snapshot_path(out, Path(tiny_model), tokens, run, settings)
+    snap.parent.mkdir(parents=True)
+    torch.save({"logprobs": [-2.0] * 199, "blocks": [(100, 3, 500.0), (200, 3, 501.0)], "peak": 4}, snap)
+    code = main(["eval", "ppl", "--model", tiny_model, "--text", str(text), "--tokens", "300", "--policies",
+                 "streaming-sink,sliding-window", "--caches", "4+124", "--segment", "100", "--partial", "--out", str(out)])
+    assert code == 0
+    summary = (out / "ppl_summary.md").read_text()
+    assert "| streaming-sink 4+124 | 200 | 7.389 |" in summary  # e^2, up to its snapshot
+    assert "sliding-window" not in summary  # neither finished nor snapshotted: left out
+    assert "streaming-sink 4+124,200,3,501.0,4,-1" in (out / "ppl_blocks.csv").read_text()
+    assert (out / "ppl_blocks.png").stat().st_size > 5_000

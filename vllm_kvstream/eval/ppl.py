@@ -237,6 +237,19 @@ def snapshot_path(out_dir: Path, model: Path, tokens: Sequence[int], run: Run, s
     return path.with_name(f"{path.stem}.{key[:12]}.snapshot.pt")
 
 
+def load_snapshot_progress(path: Path) -> dict | None:
+    """What an unfinished run's snapshot holds so far, for a report of where it stands:
+    ``{"logprobs", "blocks"}`` (``blocks`` as :func:`token_logprobs` fills it, ``after`` unknown:
+    -1); ``None`` without a snapshot."""
+    if not path.exists():
+        return None
+    import torch
+
+    snap = torch.load(path, weights_only=False)
+    return {"logprobs": list(snap["logprobs"]),
+            "blocks": {"series": list(snap["blocks"]), "peak": snap["peak"], "after": -1, "resumed_from": 0}}
+
+
 def _checkpoint_key(model: Path, tokens: Sequence[int], run: Run, settings: dict) -> dict:
     digest = hashlib.sha256(json.dumps(list(tokens)).encode()).hexdigest()
     return {"label": run.label, "model": str(model), "tokens": len(tokens), "sha256": digest,
