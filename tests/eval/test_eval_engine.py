@@ -116,7 +116,7 @@ def test_64k_stream_streaming_sink_stays_fluent_sliding_window_does_not(smollm2)
     assert perplexity(lp_window[-8192:]) > 1.2 * tail  # losing the sinks costs quality
 
 
-@pytest.mark.parametrize("quant", [{}, {"kv_quant": "int4"}], ids=["float", "int4"])
+@pytest.mark.parametrize("quant", [{}, pytest.param({"kv_quant": "int4"}, marks=pytest.mark.slow)], ids=["float", "int4"])
 def test_interrupted_stream_continues_from_its_snapshot_exactly(tiny_model, tmp_path, quant):
     """A stream stopped after two snapshots and run again continues from the second one (the
     blocks the policy keeps, their contents in every layer, the quantization statistics, the
