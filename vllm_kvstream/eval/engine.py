@@ -143,7 +143,7 @@ def _worker_runner(engine):
     return engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner
 
 
-def _layer_caches(engine) -> dict[str, tuple[Any, Any, int]]:
+def _layer_caches(engine) -> dict[str, tuple[int, Any, Any]]:
     """``{layer name: (KV group, layer, its cache tensor)}`` of every attention layer."""
     runner = _worker_runner(engine)
     groups = {name: g for g, group in enumerate(runner.kv_cache_config.kv_cache_groups) for name in group.layer_names}
@@ -263,6 +263,7 @@ def _prompt_logprobs(llm, job: dict[str, Any]) -> dict[str, Any]:
     if snap is not None:
         restore_snapshot(engine, _only_request(engine), snap)
         start, blocks, peak = snap["tokens_computed"], list(snap["blocks"]), snap["peak"]
+    before = snap["logprobs"] if snap is not None else []  # the tokens the snapshot had scored
     result = None
     last = 0.0
     taken = 0
@@ -270,9 +271,8 @@ def _prompt_logprobs(llm, job: dict[str, Any]) -> dict[str, Any]:
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
-                done = snap["logprobs"] if snap is not None else []
-                result = done + [lp[tok].logprob for lp, tok in
-                                 zip(out.prompt_logprobs[1 + len(done):], out.prompt_token_ids[1 + len(done):])]
+                result = before + [lp[tok].logprob for lp, tok in
+                                   zip(out.prompt_logprobs[1 + len(before):], out.prompt_token_ids[1 + len(before):])]
         used = free_start - pool.get_num_free_blocks()
         peak = max(peak, used)
         computed = _computed_tokens(engine)
@@ -284,9 +284,8 @@ def _prompt_logprobs(llm, job: dict[str, Any]) -> dict[str, Any]:
             runner = _worker_runner(engine)
             rid = _only_request(engine)
             partial = runner.requests[rid].in_progress_prompt_logprobs_cpu
-            done = snap["logprobs"] if snap is not None else []
-            fresh = partial.logprobs[len(done):computed, 0].tolist() if partial is not None else []
-            _save(snap_path, take_snapshot(engine, rid, done + fresh, {"blocks": blocks, "peak": peak}))
+            fresh = partial.logprobs[len(before):computed, 0].tolist() if partial is not None else []
+            _save(snap_path, take_snapshot(engine, rid, before + fresh, {"blocks": blocks, "peak": peak}))
             next_snap = (computed // every + 1) * every
             taken += 1
             if stop_after is not None and taken >= stop_after:
