@@ -12,6 +12,7 @@ from vllm_kvstream.kernels.kv_quant import (
     quant_decode_attention_ref,
     quant_read_cpu,
     quant_read_ref,
+    quant_sink_window_decode_cpu,
     quant_write_ref,
 )
 from vllm_kvstream.kernels.kv_quant_triton import (
@@ -44,6 +45,7 @@ __all__ = [
     "quant_sink_window_attention",
     "quant_read_cpu",
     "quant_read_ref",
+    "quant_sink_window_decode_cpu",
     "quant_store",
     "quant_write",
     "quant_write_ref",

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvstream.kernels.rope import Rope
+from vllm_kvstream.kernels.sink_decode import DecodePlan
 
 QUANT_BITS = (8, 4)
 #: Page bit widths: the quantized ones, and 16 (unquantized float16/bfloat16 pages, keys before
@@ -644,48 +645,60 @@ def quant_decode_attention_ref(
     return out
 
 
-def quant_decode_attention_cpu(
+def quant_sink_window_decode_cpu(
     query: torch.Tensor,
     cache: torch.Tensor,
-    blocks: torch.Tensor,
-    starts: torch.Tensor,
-    ends: torch.Tensor,
-    ranks: torch.Tensor,
+    plan: DecodePlan,
     layout: QuantLayout,
     *,
     scale: float,
     rope: Rope | None,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """:func:`quant_decode_attention_ref`'s contract in one batch of torch ops (the CPU path):
-    gather and dequantize every listed page at once, rotate the keys at their cache positions,
-    mask the slots outside ``[starts, ends)``, one softmax across blocks. Blocks with an empty
-    range are replaced by the request's first live block before the gather, so an evicted
-    block id is never dereferenced."""
-    B, num_heads, D = query.shape
-    M = blocks.shape[1]
-    bs = layout.block_size
+    """A step's one-token requests over quantized pages in one batch of torch ops (the CPU
+    decode path; the oracle is :func:`~vllm_kvstream.kernels.sink_attention.sink_window_attention_ref`
+    with keys before RoPE, which this meets up to float rounding).
+
+    ``plan``: :func:`~vllm_kvstream.kernels.sink_decode.plan_decode` over the step's physical
+    block table, built once per step for every layer: which pages to read (the sink blocks
+    and the window's, nothing evicted; padding is the null block), the attended slots, and the
+    position each key is met at. ``query`` ``[T, heads, D]`` as the model rotated it, at
+    absolute positions. Per layer: one gather-and-dequantize of the listed pages
+    (:func:`quant_read_cpu`), one rotation of the keys at the plan's positions (absolute for
+    the window, shifted forward by the evicted count for the sinks: the same scores as
+    cache-relative rotation, ``<R(p-e) q, R(i) k> = <R(p) q, R(i+e) k>``), two matmuls batched
+    over (request, block, head) and a softmax across blocks. Slots that are not attended are
+    masked by ``masked_fill`` on scores and values, so whatever their bytes decode to (NaN
+    included) weighs nothing. Writes rows ``plan.rows`` of ``out``."""
+    batch, nb = plan.blocks.shape
     neox = rope.is_neox_style if rope is not None else True
-    starts, ends, ranks = starts.to(torch.long), ends.to(torch.long), ranks.to(torch.long)
-    live = ends > starts
-    first_live = blocks.to(torch.long).gather(1, live.float().argmax(dim=1, keepdim=True))
-    safe = torch.where(live, blocks.to(torch.long), first_live)
-    k, v = quant_read_cpu(cache, safe.reshape(-1), layout, is_neox_style=neox)  # [B*M, H, bs, D]
-    kv_heads = k.shape[1]
-    group = num_heads // kv_heads
-    slot = torch.arange(bs)
-    attended = live[..., None] & (slot >= starts[..., None]) & (slot < ends[..., None])  # [B, M, bs]
+    k, v = quant_read_cpu(cache, plan.blocks.reshape(-1), layout, is_neox_style=neox)  # [B*nb, H, bs, D]
+    kv_heads, bs, head_size = k.shape[1:]
+    k = k.view(batch, nb, kv_heads, bs, head_size)
+    v = v.view(batch, nb, kv_heads, bs, head_size)
     if rope is not None:
-        pos = (ranks[..., None] + slot - starts[..., None]).clamp_min(0)  # [B, M, bs]
-        cos, sin = rope.cos_sin(pos.reshape(-1))
-        tokens = k.view(B * M, kv_heads, bs, D).permute(0, 2, 1, 3).reshape(B * M * bs, kv_heads, D)
-        k = rope.apply(tokens, cos, sin).view(B * M, bs, kv_heads, D).permute(0, 2, 1, 3)
-    k = k.reshape(B, M, kv_heads, bs, D)
-    # Slots outside [starts, ends) get weight 0; their bytes may decode to anything (0 x NaN).
-    v = v.reshape(B, M, kv_heads, bs, D).masked_fill(~attended[:, :, None, :, None], 0.0)
-    q = query.float().view(B, 1, kv_heads, group, D)
-    s = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [B, M, H, G, bs]
-    s.masked_fill_(~attended[:, :, None, None, :], float("-inf"))
-    s = s.sub_(s.amax(dim=(1, 4), keepdim=True)).exp_()
-    s = s.div_(s.sum(dim=(1, 4), keepdim=True))
-    o = torch.matmul(s, v).sum(dim=1)  # [B, H, G, D]
-    return o.reshape(B, num_heads, D)
+        cs = plan.workspace.get("key_cos_sin")
+        if cs is None:  # once per step: every layer meets its keys at the same positions
+            cos, sin = rope.cos_sin(plan.key_positions.reshape(-1))
+            shape = (batch, nb, 1, bs, rope.rotary_dim // 2)
+            cs = plan.workspace["key_cos_sin"] = (cos.view(shape), sin.view(shape))
+        cos, sin = cs
+        rd = rope.rotary_dim
+        if neox:
+            x1, x2 = k[..., : rd // 2], k[..., rd // 2 : rd]
+        else:
+            x1, x2 = k[..., 0:rd:2], k[..., 1:rd:2]
+        new1 = x1 * cos - x2 * sin
+        x2.mul_(cos).add_(x1 * sin)
+        x1.copy_(new1)
+    attended = plan.attended
+    v.masked_fill_(~attended[:, :, None, :, None], 0.0)
+    num_heads = query.shape[1]
+    group = num_heads // kv_heads
+    q = query.index_select(0, plan.rows).float().view(batch, 1, kv_heads, group, head_size)
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale)  # [B, nb, H, group, bs]
+    scores.masked_fill_(~attended[:, :, None, None, :], float("-inf"))
+    scores = scores.sub_(scores.amax(dim=(1, 4), keepdim=True)).exp_()
+    o = torch.matmul(scores, v).sum(dim=1).div_(scores.sum(dim=(1, 4)).unsqueeze(-1))  # [B, H, group, D]
+    out.index_copy_(0, plan.rows, o.reshape(batch, num_heads, head_size).to(out.dtype))
+    return out

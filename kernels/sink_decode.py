@@ -45,6 +45,11 @@ class DecodePlan:
     block_size: int
     sink_cos: torch.Tensor | None  # [B, 1, 1, rotary_dim // 2, 1]: rotation of the sink keys by +e(p)
     sink_sin: torch.Tensor | None
+    #: [B, nb, block_size] long: the absolute position each gathered slot's key is met at (the
+    #: sinks' shifted forward by e(p)); what a reader of keys cached before RoPE rotates them at.
+    key_positions: torch.Tensor | None = None
+    #: [B, nb, block_size] bool: the attended slots (``bias == 0``).
+    attended: torch.Tensor | None = None
     #: Buffers reused by every layer of the step (layers run one after another).
     workspace: dict = field(default_factory=dict)
 
@@ -78,11 +83,13 @@ def plan_decode(
     window_tokens: int | None,
     block_size: int,
     rope: Rope | None,
-    pad_block: int = 0,
+    pad_block: int | None = 0,
 ) -> DecodePlan:
     """Plan a decode step for B requests. ``rows`` [B]: each request's query row in the packed
     batch; ``seq_lens`` [B]: its tokens including the one being decoded; ``tables`` [B, max_blocks]:
-    its block-table row (logical block -> physical block)."""
+    its block-table row (logical block -> physical block). ``pad_block``: the block padded
+    entries read (vLLM's null block, zero-filled, by default); ``None``: the row's own first
+    block, for pages whose unwritten bytes may decode to anything."""
     rows = rows.to(torch.long)
     seq = seq_lens.to(torch.long)
     p = seq - 1
@@ -112,15 +119,23 @@ def plan_decode(
     ok = torch.cat((sink_ok, win_ok), dim=1)
     table = tables.to(torch.long)
     logical = torch.where(ok, logical, torch.zeros_like(logical)).clamp_max(table.shape[1] - 1)
-    blocks = torch.where(ok, table.gather(1, logical), torch.full_like(logical, pad_block))
+    read = table.gather(1, logical)
+    if pad_block is None:  # pad with a block the row reads anyway (its first)
+        pad = read.gather(1, ok.to(torch.int8).argmax(dim=1, keepdim=True)).expand_as(read)
+    else:
+        pad = torch.full_like(logical, pad_block)
+    blocks = torch.where(ok, read, pad)
     mask = torch.cat((sink_mask, win_mask), dim=1)[:, :, None, None, :]
     bias = torch.zeros(mask.shape, dtype=torch.float32).masked_fill_(~mask, float("-inf"))
+    shift = torch.cat((evicted[:, None].expand(len(rows), sink_blocks), torch.zeros_like(win_logical)), dim=1)
+    key_positions = logical[:, :, None] * block_size + slot + shift[:, :, None]
 
     cos = sin = None
     if sink_blocks and rope is not None:
         cos, sin = rope.cos_sin(evicted)
         cos, sin = cos[:, None, None, :, None], sin[:, None, None, :, None]
-    return DecodePlan(rows, blocks, bias, sink_blocks, sink_tokens, block_size, cos, sin)
+    return DecodePlan(rows, blocks, bias, sink_blocks, sink_tokens, block_size, cos, sin, key_positions,
+                      mask[:, :, 0, 0, :])
 
 
 def _rotate_keys_(keys_t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rope: Rope) -> None:

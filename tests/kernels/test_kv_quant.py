@@ -294,15 +294,49 @@ def test_reference_attention_close_to_unquantized():
 
 @pytest.mark.parametrize(("bits", "layout"), [(8, {}), (4, {}), (4, {"key_zero_point": True, "value_levels": "nf4"})])
 @pytest.mark.parametrize(("D", "H", "G", "bs", "neox"), [(32, 2, 3, 8, True), (16, 1, 2, 5, False)])
-def test_cpu_decode_path_matches_reference(bits, layout, D, H, G, bs, neox):
-    from vllm_kvstream.kernels.kv_quant import quant_decode_attention_cpu
+@pytest.mark.parametrize(("sinks", "window"), [(3, 13), (3, 4), (8, 9), (3, None)])
+def test_cpu_batched_decode_matches_the_step_reference(bits, layout, D, H, G, bs, neox, sinks, window):
+    """The CPU decode path over quantized pages (one plan per step, keys rotated at the plan's
+    positions) against the torch step reference (keys before RoPE at cache positions), for
+    four decodes of different lengths in one batch: evicting, not yet evicting, a window that
+    starts in the sink block after evicted tokens (3+4 at length 9). Every evicted logical
+    block's id is past the cache (a read raises), every unwritten page is NaN bytes, and the
+    slots past a stream's end in its last page are garbage."""
+    from vllm_kvstream.adapter.quant_attention import plan_quant_step
+    from vllm_kvstream.kernels.kv_quant import quant_sink_window_decode_cpu
+    from vllm_kvstream.kernels.kv_quant_triton import quant_sink_window_attention
+    from vllm_kvstream.kernels.sink_decode import plan_decode
+    from vllm_kvstream.policies import AttentionPattern
 
-    L, cache, query, blocks, starts, ends, ranks, rope = _decode_case(bits, D, H, G, bs, neox, seed=D + bs + 1, **layout)
-    blocks[starts >= ends] = 10_000  # evicted: an id past the cache, never dereferenced
+    L, cache, _, _, row, rope = _stream(bits, D=D, H=H, bs=bs, n=45, seed=D + bs, nb=24, neox=neox, **layout)
+    garbage = torch.tensor([b for b in range(cache.shape[0]) if b not in row.tolist()])
+    cache[garbage] = 255  # fp16 0xFFFF is NaN
+    lens = torch.tensor([45, 30, 9, 12])
+    pattern = AttentionPattern(sink_tokens=sinks, window_tokens=window)
+    table = torch.stack([row] * len(lens))
+    for i, n in enumerate(lens.tolist()):
+        lo = 0 if window is None else n - window  # the window [lo, n); sinks [0, sinks)
+        for j in range(table.shape[1]):
+            if not any(t < n and (t < sinks or t >= lo) for t in range(j * bs, (j + 1) * bs)):
+                table[i, j] = 10_000  # evicted (or past the stream): an id past the cache
+    qsl = torch.arange(len(lens) + 1)
+    positions = lens - 1
+    q_abs = rope.rotate(torch.randn(len(lens), H * G, D, generator=torch.Generator().manual_seed(5)), positions)
     scale = 1 / math.sqrt(D)
-    expected = quant_decode_attention_ref(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
-    got = quant_decode_attention_cpu(query, cache, blocks, starts, ends, ranks, L, scale=scale, rope=rope)
-    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    plan = plan_decode(qsl[:-1], lens, table, sink_tokens=sinks, window_tokens=window, block_size=bs, rope=None,
+                       pad_block=None)
+    got = torch.zeros(len(lens), H * G, D)
+    quant_sink_window_decode_cpu(q_abs, cache, plan, L, scale=scale, rope=rope, out=got)
+    _, requests, needed, idx = plan_quant_step(qsl, lens, table, pattern, bs)
+    expected = torch.zeros_like(got)
+    quant_sink_window_attention(rope.rotate(q_abs, -positions), cache, needed, idx, requests, L, sink_tokens=sinks,
+                                window_tokens=window, scale=scale, rope=rope, out=expected, triton=False)
+    assert not torch.isnan(expected).any() and expected.abs().sum() > 0
+    torch.testing.assert_close(got, expected, atol=3e-5, rtol=3e-5)
+    # The same plan serves every layer: a second layer's call reuses the step's rotation.
+    again = torch.zeros_like(got)
+    quant_sink_window_decode_cpu(q_abs, cache, plan, L, scale=scale, rope=rope, out=again)
+    torch.testing.assert_close(again, got, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("neox", [True, False])

@@ -36,23 +36,27 @@ CUDA wheel without a GPU (README, "What was tested where").
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import ClassVar
 
 import torch
 
 from vllm_kvstream.adapter import trace
-from vllm_kvstream.adapter.attention import KVStreamBackend, PolicyImplBase
+from vllm_kvstream.adapter.attention import KVStreamBackend, PolicyImplBase, group_rope
 from vllm_kvstream.adapter.compat import on_cpu, probe
 from vllm_kvstream.adapter.metrics import QuantWriteMeter
 from vllm_kvstream.adapter.kv_manager import KVStreamAttentionSpec, KVStreamSlidingSpec, page_layout
 from vllm_kvstream.adapter.selection import SelectionStore, select_requests
 from vllm_kvstream.adapter.state import active_pages, active_quant
 from vllm_kvstream.kernels import (
+    DecodePlan,
     QuantLayout,
     QuantStats,
     RequestSlice,
+    plan_decode,
     quant_read_cpu,
     quant_sink_window_attention,
+    quant_sink_window_decode_cpu,
     quant_write,
     selected_attention_ref,
     sink_window_attention,
@@ -96,6 +100,9 @@ class QuantStepMetadata:
     #: Block-selecting policies (``topk-importance``): the store and this step's requests.
     store: QuantSelectionStore | None = None
     selection: list | None = None
+    #: CPU, keys before RoPE: the step's one-token requests, planned once for every layer
+    #: (``kernels.quant_sink_window_decode_cpu``); ``requests`` then holds the chunks alone.
+    decode: DecodePlan | None = None
 
 
 def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
@@ -115,9 +122,11 @@ def plan_quant_step(
     block_table: torch.Tensor,
     pattern: AttentionPattern,
     block_size: int,
+    skip: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, list[RequestSlice], torch.Tensor, torch.Tensor]:
     """``(positions, requests, needed, table)`` of :class:`QuantStepMetadata` (pure; tested
-    against the policy's ``attended_ranges``)."""
+    against the policy's ``attended_ranges``). ``skip`` ``[R]`` bool: requests whose attention
+    is planned elsewhere (the CPU decode plan); they get positions but no blocks here."""
     qsl = query_start_loc.tolist()
     lens = seq_lens.tolist()
     S, W = pattern.sink_tokens, pattern.window_tokens
@@ -129,7 +138,7 @@ def plan_quant_step(
     requests = []
     for i, L in enumerate(lens):
         first = L - (qsl[i + 1] - qsl[i])
-        if qsl[i + 1] == qsl[i]:
+        if qsl[i + 1] == qsl[i] or (skip is not None and bool(skip[i])):
             continue
         n_sink = min(S, L)
         rest_lo = 0 if W is None else max(n_sink, first - W + 1, 0)
@@ -163,6 +172,18 @@ class KVStreamQuantBuilder(AttentionMetadataBuilder[QuantStepMetadata]):
         if policy.selects_blocks:
             self.store = QuantSelectionStore(policy, self.block_size, kv_cache_spec.quant_layout)
 
+    @cached_property
+    def rope(self):
+        return group_rope(self.vllm_config, self.layer_names)
+
+    @cached_property
+    def plans_decode(self) -> bool:
+        """Whether one-token requests take the batched CPU decode plan: on CPU (the Triton
+        kernels plan their own launch on CUDA), with keys cached before RoPE."""
+        quant = active_quant()
+        post = quant is not None and quant.config.key_rope == "post"
+        return on_cpu() and not post and self.rope is not None
+
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False) -> QuantStepMetadata:
         cm = common_attn_metadata
         n = cm.num_actual_tokens
@@ -171,12 +192,20 @@ class KVStreamQuantBuilder(AttentionMetadataBuilder[QuantStepMetadata]):
         if trace.ENABLED:  # VLLM_KVSTREAM_TRACE_DIR (adapter/trace.py)
             trace.position_step(self.pattern, self.block_size, cm.query_start_loc_cpu[: cm.num_reqs + 1],
                                 cm.seq_lens.cpu()[: cm.num_reqs])
+        qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+        seq_lens = cm.seq_lens.cpu()[: cm.num_reqs]
+        block_table = cm.block_table_tensor[: cm.num_reqs].cpu()
+        decode, single = None, None
+        if self.plans_decode:
+            single = (qsl[1:] - qsl[:-1]) == 1
+            if bool(single.any()):
+                idx = torch.nonzero(single).flatten()
+                decode = plan_decode(
+                    qsl[idx], seq_lens[idx], block_table[idx], sink_tokens=self.pattern.sink_tokens,
+                    window_tokens=self.pattern.window_tokens, block_size=self.block_size, rope=None, pad_block=None,
+                )
         positions, requests, needed, table = plan_quant_step(
-            cm.query_start_loc_cpu[: cm.num_reqs + 1],
-            cm.seq_lens.cpu()[: cm.num_reqs],
-            cm.block_table_tensor[: cm.num_reqs].cpu(),
-            self.pattern,
-            self.block_size,
+            qsl, seq_lens, block_table, self.pattern, self.block_size, skip=single if decode is not None else None,
         )
         device = cm.block_table_tensor.device
         return QuantStepMetadata(
@@ -186,6 +215,7 @@ class KVStreamQuantBuilder(AttentionMetadataBuilder[QuantStepMetadata]):
             requests=requests,
             needed=needed.to(device),
             table=table.to(device),
+            decode=decode,
         )
 
     def _build_selection(self, cm) -> QuantStepMetadata:
@@ -317,6 +347,8 @@ class KVStreamQuantImpl(PolicyImplBase):
         if md.selection is not None:  # the query as the model rotated it (the selection path's contract)
             md.store.run(layer.layer_name, query, pages, md.selection, scale=self.scale, rope=rope, out=out)
             return output
+        if md.decode is not None:  # CPU: every one-token request at once, from the step's plan
+            quant_sink_window_decode_cpu(query, pages, md.decode, self.layout, scale=self.scale, rope=rope, out=out)
         if not md.requests:
             return output
         if post:  # ablation: keys cached after RoPE (torch reference only)
