@@ -14,6 +14,7 @@ from vllm_kvstream.compare import (
     parse_metrics,
     plan_serve_runs,
     rebuild_report,
+    stream_bound,
     write_report,
 )
 from vllm_kvstream.errors import KVStreamConfigError
@@ -30,6 +31,20 @@ def test_plan_turns_specs_into_serve_flags():
     assert json.loads(sink[3]) == {"sink_tokens": 4, "window_tokens": 508}
     quant = runs[3].flags
     assert quant[4:6] == ("--kv-quant", "int4") and isinstance(json.loads(quant[7]), dict)
+
+
+def test_stream_bound_is_what_admission_checks_after_alignment():
+    """One stream's most blocks, per policy, at block 64 and chunk 128: the block-aligned
+    sink + window (the default) holds ceil((S+W)/bs)+1 decoding, the token-exact one a block
+    more; stock the whole stream."""
+    runs = {r.label: r for r in plan_serve_runs(
+        ["stock", "streaming-sink", "streaming-sink:align=token", "sliding-window", "topk-importance"], Cache(4, 252))}
+    got = {label: stream_bound(run, 64, 128, 1152) for label, run in runs.items()}
+    assert got["stock"] == {"decode": 18, "prefill": 18}
+    assert got["streaming-sink 4+252"] == {"decode": 5, "prefill": 7}
+    assert got["streaming-sink:align=token 4+252"]["decode"] == 6
+    assert got["sliding-window 4+252"]["decode"] == 5
+    assert got["topk-importance 4+252"]["decode"] == 5
 
 
 def test_plan_rejects_unknown_policy_before_anything_starts():
@@ -107,10 +122,12 @@ def test_report_shows_sustained_streams_and_model_error(tmp_path):
         _stage("streaming-sink 4+508", "concurrency", 4, 2048, 4500.0),
     ]
     meta = {"model_name": "m", "machine": "test", "kv_memory_mib": 256, "dtype": "float32", "block_size": 128,
-            "chunk": 256, "cache": "4+508", "long_prompt_tokens": 2048, "output_tokens": 64, "command": "x"}
+            "chunk": 256, "cache": "4+508", "long_prompt_tokens": 2048, "output_tokens": 64, "command": "x",
+            "pools": {"stock": {"pool_blocks": 40, "decode": 17, "prefill": 17},
+                      "streaming-sink 4+508": {"pool_blocks": 40, "decode": 5, "prefill": 7}}}
     report = write_report(tmp_path, stages, meta).read_text()
-    assert "| stock | **2** | 1, 2, 4 | 4 | 50.0% |" in report
-    assert "| streaming-sink 4+508 | **4** | 1, 2, 4 | 4 | 50.0% |" in report
+    assert "| stock | **2** | 1, 2, 4 | 4 | 50.0% | 40 | 17 / 17 | 2 | 1.00 |" in report
+    assert "| streaming-sink 4+508 | **4** | 1, 2, 4 | 4 | 50.0% | 40 | 5 / 7 | 8 | 0.50 |" in report
     assert "| stock | 4 | 4 / 0 | no |" in report
     assert "mean abs error" in report
     for png in ("sustained.png", "latency_vs_concurrency.png", "model_fit.png"):

@@ -72,6 +72,32 @@ SCRAPED = (
 class ServeRun:
     label: str
     flags: tuple[str, ...]
+    #: The policy and its parameters (``None``: stock vLLM), for the per-stream bound.
+    policy: str | None = None
+    params: dict | None = field(default=None, hash=False, compare=False)
+
+
+def stream_bound(run: ServeRun, block_size: int, chunk: int, stream_tokens: int) -> dict[str, int]:
+    """Most KV blocks one stream of ``stream_tokens`` holds under ``run``'s policy, decoding
+    (one query token) and prefilling (a ``chunk``-token chunk): the bound vLLM's admission
+    checks (``max_blocks_per_request``, after ``align`` is resolved at ``block_size``); for
+    stock vLLM the whole stream."""
+    whole = -(-stream_tokens // block_size)
+    if run.policy is None:
+        return {"decode": whole, "prefill": whole}
+    from vllm_kvstream.policies import get_policy_class
+
+    policy = get_policy_class(run.policy).from_dict(run.params).for_block_size(block_size)
+    return {"decode": policy.max_blocks_per_request(block_size, 1, stream_tokens),
+            "prefill": policy.max_blocks_per_request(block_size, chunk, stream_tokens)}
+
+
+def pool_blocks(base_url: str) -> int:
+    """Blocks a server's KV pool lends to requests: ``num_gpu_blocks`` of
+    ``vllm:cache_config_info`` less vLLM's null block (0 where the metric is absent)."""
+    from vllm_kvstream.soak import pool_state
+
+    return max(pool_state(base_url).pool_blocks - 1, 0)
 
 
 def plan_serve_runs(policies: Sequence[str], cache) -> list[ServeRun]:
@@ -87,7 +113,7 @@ def plan_serve_runs(policies: Sequence[str], cache) -> list[ServeRun]:
             flags = ["--kv-policy", run.policy, "--kv-policy-config", json.dumps(run.params or {})]
             if run.quant:
                 flags += ["--kv-quant", run.quant["kv_quant"], "--kv-quant-config", json.dumps(run.quant.get("kv_quant_config", {}))]
-            out.append(ServeRun(run.label, tuple(flags)))
+            out.append(ServeRun(run.label, tuple(flags), run.policy, run.params))
     labels = [run.label for run in out]
     repeated = sorted({label for label in labels if labels.count(label) > 1})
     if repeated:  # one server log and one set of stages per label
@@ -385,9 +411,13 @@ def write_report(out: Path, stages: list[Stage], meta: dict) -> Path:
         f"Command: `{meta['command']}`", "",
         "## Concurrent long streams sustained at equal KV memory", "",
         "A policy sustains c streams when all c complete, none fails or is preempted, and all c run at once.", "",
+        "Streams the memory holds: the server's KV pool (blocks) over one long stream's bound (the most blocks it "
+        "holds decoding, `max_blocks_per_request`; stock: the whole stream), rounded down; bound while a prefill "
+        "chunk runs beside it. Sustained ÷ holds: the fraction of that the policy sustained.", "",
         "| policy | most concurrent streams sustained | levels tried | most streams running at once (any level) "
-        "| peak KV usage then |",
-        "|---|---|---|---|---|",
+        "| peak KV usage then | KV pool (blocks) | per-stream bound decoding / prefilling | streams the memory holds "
+        "| sustained ÷ holds |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     best: dict[str, int] = {}
     for p in policies:
@@ -396,10 +426,16 @@ def write_report(out: Path, stages: list[Stage], meta: dict) -> Path:
         ok = [s.concurrency for s in rows if s.sustained]
         best[p] = max(ok) if ok else 0
         peak = max(rows, key=lambda s: (s.peaks["vllm:num_requests_running"], -s.concurrency), default=None)
+        pool = meta.get("pools", {}).get(p)
+        holds = pool["pool_blocks"] // pool["decode"] if pool and pool["pool_blocks"] and pool["decode"] else None
+        bound_text = f"{pool['decode']} / {pool['prefill']}" if pool else "–"
         lines.append(
             f"| {p} | **{best[p]}** | {', '.join(map(str, levels))} "
             f"| {_fmt(peak and peak.peaks['vllm:num_requests_running'])} "
-            f"| {_fmt(peak and 100 * peak.peaks['vllm:kv_cache_usage_perc'], 1)}% |"
+            f"| {_fmt(peak and 100 * peak.peaks['vllm:kv_cache_usage_perc'], 1)}% "
+            f"| {_fmt(pool and pool['pool_blocks'] or None)} "
+            f"| {bound_text} "
+            f"| {_fmt(holds)} | {_fmt(holds and best[p] / holds, 2)} |"
         )
     lines += [
         "", "## Every run", "",
@@ -584,6 +620,8 @@ def compare(args, model: Path) -> Path:
     for run in runs:
         log.info("compare: %s", run.label)
         with Server(str(model), run, args, out / "logs" / f"{_slug(run.label)}.log") as server:
+            bound = stream_bound(run, args.block_size, args.chunk, args.long_prompt_tokens + args.output_tokens)
+            meta.setdefault("pools", {})[run.label] = {"pool_blocks": pool_blocks(server.url), **bound}
             for t in args.lengths:
                 stages.append(run_stage(server, run.label, "length", 1, t, args, out))
             for c in args.concurrency:
