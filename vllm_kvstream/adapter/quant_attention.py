@@ -25,8 +25,11 @@ Per layer:
   the semantics of the unquantized path (``kernels/sink_attention.py``), through the
   dispatcher ``kernels.quant_sink_window_attention``: on CUDA the Triton kernels
   (``kernels/kv_quant_triton.py``: every one-token request of the step in one decode launch,
-  prefill chunks through the prefill kernel), elsewhere the float32 torch reference over the
-  dequantized needed blocks. The same code serves decode and prefill chunks.
+  prefill chunks through the prefill kernel), elsewhere torch: the step's one-token requests
+  all at once through ``kernels.quant_sink_window_decode_cpu``, from a plan the builder makes
+  once per step for every layer (``plan_decode``: the pages to read, the attended slots, the
+  position each key is met at), and prefill chunks through the float32 path over the
+  dequantized needed blocks (``sink_window_attention``, keys before RoPE).
 
 Tested: the torch path end to end on vLLM 0.32 CPU; the Triton kernels against the
 reference under ``TRITON_INTERPRET=1``; the import, registration and spec on vLLM 0.33's
