@@ -147,6 +147,13 @@ def main() -> None:
     ap.add_argument("--policies", default="stock,full,streaming-sink")
     ap.add_argument("--policy", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    # Streams prefill one chunk per step, in turn: the batch decodes all at once only after the
+    # last stream's prefill, so the decode must outlast every other stream's chunks.
+    chunks = args.streams * -(-CACHE * max(args.lengths) // args.chunk)
+    if args.streams > 1 and args.decode <= chunks + 8:
+        ap.error(f"--decode {args.decode} is too short for --streams {args.streams} at --lengths "
+                 f"{','.join(map(str, args.lengths))}: the first stream finishes before the last one's {chunks} "
+                 f"prefill chunks are done, so no step decodes the whole batch; allowed: --decode > {chunks + 8}")
     if args.model is None:
         from vllm_kvstream.models import prepare_smollm2
 

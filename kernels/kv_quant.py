@@ -595,7 +595,8 @@ def quant_read_cpu(
     v_codes = _unpack_fast(view.v_codes[blocks], L, is_neox_style)
     v_abs = view.v_scale[blocks].float()[..., None]
     if L.value_levels == "nf4":
-        v = NF4.to(v_codes.device)[v_codes.long()].mul_(v_abs)
+        # index_select over flat int32 codes: half the time of advanced indexing with int64
+        v = NF4.to(v_codes.device).index_select(0, v_codes.reshape(-1).int()).view(v_codes.shape).mul_(v_abs)
     else:
         v = v_codes.float().sub_(L.qmax + 1).mul_(v_abs / L.qmax)
     return k, v
