@@ -80,6 +80,7 @@ def test_quantized_close_to_unquantized_on_smollm2(smollm2):
     assert 0 < drift("topk", "int8") and ppl["topk", "int8"] < 1.01 * ppl["topk", None], ppl
 
 
+@pytest.mark.slow  # ~3.5 min each (suite budget); run with -m slow
 def test_paged16_pages_match_vllms_layout_on_smollm2(smollm2):
     """``kv_pages='paged16'`` runs on CPU the path every policy takes on CUDA (the plugin's
     16-bit pages, keys before RoPE): same page size as vLLM's layout, and the same stream —
@@ -124,6 +125,7 @@ def _mean_abs(a, b):
     return sum(abs(x - y) for x, y in zip(a, b)) / len(a)
 
 
+@pytest.mark.slow  # ~3.5 min each (suite budget); run with -m slow
 def test_cuda_kernel_path_inside_a_real_engine_matches_the_torch_path(tiny_model):
     """``VLLM_KVSTREAM_KERNELS=triton`` (with ``TRITON_INTERPRET=1``, set by tests/conftest.py)
     runs every Triton store, prefill and batched decode launch the CUDA path makes, inside a
