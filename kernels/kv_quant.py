@@ -662,7 +662,7 @@ def quant_sink_window_decode_cpu(
 
     ``plan``: :func:`~vllm_kvstream.kernels.sink_decode.plan_decode` over the step's physical
     block table, built once per step for every layer: which pages to read (the sink blocks
-    and the window's, nothing evicted; padding is the null block), the attended slots, and the
+    and the window's, nothing evicted; padding repeats a block the row reads), the attended slots, and the
     position each key is met at. ``query`` ``[T, heads, D]`` as the model rotated it, at
     absolute positions. Per layer: one gather-and-dequantize of the listed pages
     (:func:`quant_read_cpu`), one rotation of the keys at the plan's positions (absolute for
