@@ -62,7 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvstream.kernels.rope import Rope
-from vllm_kvstream.kernels.sink_decode import DecodePlan
+from vllm_kvstream.kernels.sink_decode import DecodePlan, _rotate_keys_
 
 QUANT_BITS = (8, 4)
 #: Page bit widths: the quantized ones, and 16 (unquantized float16/bfloat16 pages, keys before
@@ -683,15 +683,8 @@ def quant_sink_window_decode_cpu(
             cos, sin = rope.cos_sin(plan.key_positions.reshape(-1))
             shape = (batch, nb, 1, bs, rope.rotary_dim // 2)
             cs = plan.workspace["key_cos_sin"] = (cos.view(shape), sin.view(shape))
-        cos, sin = cs
-        rd = rope.rotary_dim
-        if neox:
-            x1, x2 = k[..., : rd // 2], k[..., rd // 2 : rd]
-        else:
-            x1, x2 = k[..., 0:rd:2], k[..., 1:rd:2]
-        new1 = x1 * cos - x2 * sin
-        x2.mul_(cos).add_(x1 * sin)
-        x1.copy_(new1)
+        cos, sin = cs  # in place, through the keys' transposed view (the helper's layout)
+        _rotate_keys_(k.transpose(-1, -2), cos.transpose(-1, -2), sin.transpose(-1, -2), rope)
     attended = plan.attended
     v.masked_fill_(~attended[:, :, None, :, None], 0.0)
     num_heads = query.shape[1]
