@@ -45,6 +45,8 @@ ignores the selected backend).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import ClassVar
@@ -65,6 +67,7 @@ from vllm_kvstream.adapter.state import (
     policy_for,
     remember_engine_config,
 )
+from vllm_kvstream.kernels.sink_in_place import InPlacePlan, plan_in_place, stage_sinks_
 from vllm_kvstream.kernels import (
     DecodePlan,
     RequestSlice,
@@ -88,6 +91,12 @@ _cpu_attn = probe("vllm.v1.attention.backends.cpu_attn")
 StockBackend = _cpu_attn.CPUAttentionBackend
 StockBuilder = _cpu_attn.CPUAttentionMetadataBuilder
 StockImpl = _cpu_attn.CPUAttentionBackendImpl
+_cpu_ops = probe("vllm._custom_ops")
+_envs = probe("vllm.envs")
+#: ``VLLM_KVSTREAM_IN_PLACE_DECODE=0`` in the engine's environment: every decode past eviction
+#: gathers its blocks (``kernels/sink_decode.py``) instead of being read in place by the stock
+#: kernel where the layout allows (``kernels/sink_in_place.py``). For comparisons and bisecting.
+IN_PLACE_ENV = "VLLM_KVSTREAM_IN_PLACE_DECODE"
 #: Stock CPU kernel ISAs whose cache layout ``split_cpu_kv_cache`` describes.
 LAYOUT_ISAS = ("vec", "vec16")
 KVCacheLayout = probe("vllm.v1.kv_cache_interface:KVCacheLayout")
@@ -156,11 +165,15 @@ class KVStreamMetadata:
     requests: list[RequestSlice]  # requests with several query tokens (prefill chunks)
     decode: DecodePlan | None  # requests with one query token, planned once for all layers
     block_table: torch.Tensor
+    #: One-token requests read in place by the stock kernel (``kernels/sink_in_place.py``);
+    #: ``decode`` then holds the others.
+    in_place: InPlacePlan | None = None
     #: Block-selecting policies: the store and this step's requests bound to their selections.
     store: SelectionStore | None = None
     selection: list | None = None
     #: The pattern ``requests`` and ``decode`` follow (the server's, unless only requests with a
-    #: policy of their own evict), and ``(pattern, requests, decode)`` of the step's other patterns.
+    #: policy of their own evict), and ``(pattern, requests, decode, in_place)`` of the step's
+    #: other patterns.
     pattern: AttentionPattern | None = None
     others: list = field(default_factory=list)
 
@@ -178,6 +191,10 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         self.pattern = policy.pattern
         self.store = SelectionStore(policy, self.block_size) if policy.selects_blocks else None
         self.stock = StockBuilder(kv_cache_spec, layer_names, vllm_config, device)
+        flag = os.environ.get(IN_PLACE_ENV, "1")
+        if flag not in ("0", "1"):
+            raise ValueError(f"vllm-kvstream: {IN_PLACE_ENV}={flag!r}; allowed: '1' (default) or '0'")
+        self.in_place_on = flag == "1"
         if self.stock.isa not in LAYOUT_ISAS:  # pin the layout the readers know (module docstring)
             self.stock.isa = "vec" if self.block_size % 32 == 0 else "vec16"
             self.stock._set_isa_to_layers(layer_names)
@@ -217,38 +234,74 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
         single = (qsl[1:] - qsl[:-1]) == 1
         planned = [self._plan_rows(pat, rows, qsl, single, seq_lens, cm.block_table_tensor) for pat, rows in groups.items()]
-        (_, requests, decode), others = planned[0], planned[1:]
+        (_, requests, decode, in_place), others = planned[0], planned[1:]
         return KVStreamMetadata(
             num_actual_tokens=cm.num_actual_tokens,
             stock=None,
             requests=requests,
             decode=decode,
             block_table=cm.block_table_tensor,
+            in_place=in_place,
             pattern=planned[0][0],
             others=others,
         )
 
+    @cached_property
+    def private_blocks(self) -> bool:
+        """Whether no block is ever shared between requests (prefix caching off): the in-place
+        decode may then write sink copies into the dead slots of a window's first block."""
+        return not bool(getattr(self.vllm_config.cache_config, "enable_prefix_caching", True))
+
+    def _in_place_plan(self, pattern, rows, seq_lens, tables) -> InPlacePlan | None:
+        """Plan the decodes the stock kernel can read in place (``kernels/sink_in_place.py``),
+        with the kernel's scheduler metadata, shared by every layer of the step."""
+        if not self.in_place_on or pattern.window_tokens is None:
+            return None
+        plan = plan_in_place(
+            rows, seq_lens, tables, sink_tokens=pattern.sink_tokens, window_tokens=pattern.window_tokens,
+            block_size=self.block_size, rope=self.rope if pattern.sink_tokens else None,
+            private_blocks=self.private_blocks,
+        )
+        if len(plan.rows) == 0:
+            return plan
+        stock = self.stock
+        return in_place_metadata(plan, num_heads=stock.num_heads, num_kv_heads=stock.num_kv_heads,
+                                 head_dim=stock.head_dim, dtype=stock.dtype, isa=stock.isa,
+                                 kv_cache_dtype=stock.kv_cache_dtype)
+
     def _plan_rows(self, pattern, rows, qsl, single, seq_lens, block_table):
-        """``(pattern, prefill slices, decode plan)`` of the batch rows ``rows`` (``None``: all)
-        that follow ``pattern``."""
+        """``(pattern, prefill slices, gathering decode plan, in-place decode plan)`` of the batch
+        rows ``rows`` (``None``: all) that follow ``pattern``."""
         in_group = torch.ones_like(single) if rows is None else torch.zeros_like(single).index_fill_(0, torch.tensor(rows), True)
         requests = [
             RequestSlice(q_start=int(qsl[i]), q_end=int(qsl[i + 1]), seq_len=int(seq_lens[i]), block_row=i)
             for i in torch.nonzero(~single & in_group).flatten().tolist()
         ]
-        decode = None
-        if bool((single & in_group).any()):
-            idx = torch.nonzero(single & in_group).flatten()
+        decode = in_place = None
+        idx = torch.nonzero(single & in_group).flatten()
+        tables = block_table[idx].cpu()
+        served = idx[:0]
+        if len(idx):
+            in_place = self._in_place_plan(pattern, qsl[idx], seq_lens[idx], tables)
+            if in_place is not None:  # the requests it cannot lay out go to the gathering path
+                keep = torch.ones(len(idx), dtype=torch.bool).index_fill_(0, in_place.rest, False)
+                served = idx[keep]
+                idx, tables = idx[in_place.rest], tables[in_place.rest]
+                if len(in_place.rows) == 0:
+                    in_place = None
+        if len(idx):
             decode = plan_decode(
                 qsl[idx],
                 seq_lens[idx],
-                block_table[idx].cpu(),
+                tables,
                 sink_tokens=pattern.sink_tokens,
                 window_tokens=pattern.window_tokens,
                 block_size=self.block_size,
                 rope=self.rope,
             )
-        return pattern, requests, decode
+        if trace.ENABLED and len(served) + len(idx):
+            trace.decode_step(pattern, seq_lens[served].tolist(), seq_lens[idx].tolist())
+        return pattern, requests, decode, in_place
 
     def _build_selection(self, common_prefix_len, cm, seq_lens: torch.Tensor, fast_build: bool) -> KVStreamMetadata:
         """Every step of a block-selecting policy runs the selection path: scores accrue from
@@ -388,8 +441,11 @@ class KVStreamImpl(PolicyImplBase):
                 layer.layer_name, query, kv_cache, attn_metadata.selection, scale=self.scale, rope=self.rope, out=out
             )
             return output
-        groups = [(attn_metadata.pattern or self.policy.pattern, attn_metadata.requests, attn_metadata.decode)]
-        for pattern, requests, decode in groups + attn_metadata.others:
+        groups = [(attn_metadata.pattern or self.policy.pattern, attn_metadata.requests, attn_metadata.decode,
+                   attn_metadata.in_place)]
+        for pattern, requests, decode, in_place in groups + attn_metadata.others:
+            if in_place is not None:
+                self._in_place_decode(layer, query, kv_cache, in_place, out)
             if decode is not None:
                 sink_window_decode(
                     query, kv_cache, decode, scale=self.scale, rope=self.rope, out=out, softcap=self.logits_soft_cap,
@@ -411,6 +467,61 @@ class KVStreamImpl(PolicyImplBase):
                     softcap=self.logits_soft_cap,
                 )
         return output
+
+
+    def _in_place_decode(self, layer, query, kv_cache, plan: InPlacePlan, out) -> None:
+        in_place_decode(query, kv_cache, plan, scale=self.scale, rope=self.rope, out=out, softcap=self.logits_soft_cap,
+                        k_scale=layer._k_scale_float, v_scale=layer._v_scale_float)
+
+
+def in_place_metadata(plan: InPlacePlan, *, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                      isa: str, kv_cache_dtype: str = "auto") -> InPlacePlan:
+    """``plan`` with the stock kernel's scheduler metadata (once per step, every layer reads it)."""
+    return dataclasses.replace(plan, metadata=_cpu_ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(plan.rows),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        seq_lens=plan.seq_lens,
+        dtype=dtype,
+        query_start_loc=plan.query_start_loc,
+        causal=True,
+        sliding_window_size=plan.window,
+        isa=isa,
+        enable_kv_split=bool(_envs.VLLM_CPU_ATTN_SPLIT_KV),
+        kv_cache_dtype=kv_cache_dtype,
+    ))
+
+
+def in_place_decode(query, kv_cache, plan: InPlacePlan, *, scale: float, rope, out, softcap=None,
+                    k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """The stock C++ kernel over the plan's layout (``kernels/sink_in_place.py``): the sink
+    copies staged in the window's dead and free slots, then one call for all the plan's
+    requests; writes rows ``plan.rows`` of ``out`` ``[T, heads, D]``."""
+    stage_sinks_(kv_cache, plan, rope)
+    num_blocks, kv_heads, block_size, _ = kv_cache.shape
+    key_cache, value_cache = kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+    q = query.index_select(0, plan.rows)
+    o = torch.empty_like(q)
+    _cpu_ops.cpu_attention_with_kv_cache(
+        query=q,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        output=o,
+        query_start_loc=plan.query_start_loc,
+        seq_lens=plan.seq_lens,
+        scale=scale,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=plan.window,
+        block_table=plan.block_table,
+        softcap=softcap or 0.0,
+        scheduler_metadata=plan.metadata,
+        s_aux=None,
+        k_scale=k_scale,
+        v_scale=v_scale,
+    )
+    out.index_copy_(0, plan.rows, o.to(out.dtype))
 
 
 def route_backend() -> None:

@@ -24,6 +24,11 @@ Lines, in the order a process builds its steps (so rank files compare line by li
   plans from (sequence lengths and the pattern), which is the point: those inputs, and so
   the plan, must agree on every rank.
 
+* ``{"kind": "decode", "step": i, "policy": "S+W", "requests": [...]}`` — position policies,
+  steps with a request past eviction: per one-token request its ``seq_len`` and ``path``,
+  ``"in_place"`` (the stock kernel reading the window where it lies, ``kernels/
+  sink_in_place.py``) or ``"gathered"`` (``kernels/sink_decode.py``).
+
 Physical block ids come from the single scheduler, so they agree between ranks too.
 """
 
@@ -91,3 +96,10 @@ def position_step(pattern, block_size: int, query_start_loc, seq_lens) -> None:
         blocks = sorted({*range(-(-n_sink // block_size)), *range(lo // block_size, -(-L // block_size))})
         requests.append({"seq_len": L, "q": q, "pattern": f"{S}+{W}", "blocks": blocks})
     _write("position", f"{pattern.sink_tokens}+{pattern.window_tokens}", requests)
+
+
+def decode_step(pattern, in_place_lens: list[int], gathered_lens: list[int]) -> None:
+    """Which decode path each one-token request of an evicting step took (by ``seq_len``)."""
+    _write("decode", f"{pattern.sink_tokens}+{pattern.window_tokens}",
+           [{"seq_len": n, "path": "in_place"} for n in in_place_lens]
+           + [{"seq_len": n, "path": "gathered"} for n in gathered_lens])

@@ -1,0 +1,187 @@
+"""Decode past eviction read *in place*, by a stock paged kernel with a sliding window: the
+plan that lays a sink + window request out so that vLLM's own CPU attention kernel (one query
+per request, a block table, a sequence length and a sliding window of ``w`` tokens: it attends
+the last ``w`` positions of the sequence) reads exactly the tokens the policy keeps, at
+StreamingLLM's distances, without gathering the window.
+
+The trick: a decoding request past eviction holds its window's blocks ``F .. L`` in place.
+The first one, ``F``, starts with ``u`` dead slots (tokens the window has left; no later query
+of this request reads them) and the last one, ``L``, ends with ``B - t`` free slots (not
+written yet; the cache write of a later token overwrites them before anyone reads them). The
+plan copies the ``S`` sink tokens, keys rotated forward by the evicted count ``e`` (so that the
+query at ``p`` meets sink ``i`` at distance ``S + W - 1 - i``, see ``sink_decode.py``), into those
+slots, and hands the kernel the window's blocks as the request's block table:
+
+    request's blocks:  [sink] ... evicted ... [F: dead u | window] [window] [L: window t | free]
+    case A (S <= B - t):                      [F: masked | window] [window] [L: window t | sinks S]
+                         seq_len = (c - 1) B + t + S, sliding window S + W masks F's u dead slots
+    case B (otherwise, F private):   [F: masked | sinks k | window] [window] [L: window t | sinks]
+                         seq_len = c B; the sinks fill L's free slots, the other k go just before
+                         F's window tokens, and the sliding window S + W masks what is left
+
+Attention does not depend on the order of the keys, so every query attends exactly the
+``S + W`` tokens of the policy. Only slots that no reader can need are written:
+
+* ``L``'s free slots belong to a block that is not full, hence not in the prefix cache and not
+  shared; the token written there next step overwrites the copy (which the next step writes
+  again, one slot further on).
+* ``F``'s dead slots may be read by another request that shares ``F`` through the prefix
+  cache (same prompt, behind in the stream), so case B is planned only where the caller says
+  blocks are private (``private_blocks``: prefix caching off).
+
+A request with no room (case B not allowed or ``k > u``, e.g. at the one step in ``B`` where
+the window is block aligned) is left to the gathering path, as is anything the plan does
+not cover. Requests that have evicted nothing are read from block 0 as they are.
+
+Pure torch, no vLLM: the adapter runs the kernel; :func:`in_place_decode_ref` emulates it
+(the test oracle of the layout), and :func:`stage_sinks_` writes the sink copies.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from vllm_kvstream.kernels.rope import Rope
+from vllm_kvstream.kernels.sink_decode import split_cpu_kv_cache
+
+
+@dataclass(frozen=True, eq=False)
+class InPlacePlan:
+    """One decode step's in-place layout (built by :func:`plan_in_place`)."""
+
+    rows: torch.Tensor  # [R] long: the query rows it serves
+    rest: torch.Tensor  # [X] long: indices (into the planned requests) it leaves to the gathering path
+    block_table: torch.Tensor  # [R, nb] int32: per request, the blocks the kernel reads
+    seq_lens: torch.Tensor  # [R] int32: the kernel's sequence length per request
+    query_start_loc: torch.Tensor  # [R + 1] int32: 0, 1, ..., R (one query per request)
+    window: int  # the kernel's sliding window, S + W tokens
+    sink_src: torch.Tensor  # [N] long: physical slot (block * B + offset) of each sink copied
+    sink_dst: torch.Tensor  # [N] long: physical slot it is copied to
+    sink_cos: torch.Tensor | None  # [N, rotary_dim // 2]: rotation by e(p) of each copied key
+    sink_sin: torch.Tensor | None
+    block_size: int
+    #: Filled by the adapter: the kernel's scheduler metadata, shared by every layer.
+    metadata: object = None
+
+
+def plan_in_place(
+    rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    tables: torch.Tensor,
+    *,
+    sink_tokens: int,
+    window_tokens: int,
+    block_size: int,
+    rope: Rope | None,
+    private_blocks: bool,
+) -> InPlacePlan:
+    """Plan decode requests (``rows`` [X], ``seq_lens`` [X] including the token decoded,
+    ``tables`` [X, max_blocks] their block-table rows) of one sink + window pattern. Every
+    request either is served (``plan.rows``) or listed in ``plan.rest``."""
+    S, W, B = int(sink_tokens), int(window_tokens), int(block_size)
+    rows = rows.to(torch.long)
+    seq = seq_lens.to(torch.long)
+    table = tables.to(torch.long)
+    p = seq - 1
+    e = p - W + 1 - S
+    evicting = e > 0
+    lo = p - W + 1
+    F = torch.where(evicting, lo // B, torch.zeros_like(p))
+    L = p // B
+    c = L - F + 1
+    u = torch.where(evicting, lo - F * B, torch.zeros_like(p))
+    t = p - L * B + 1
+    case_a = evicting & (S <= B - t)
+    k = S - (B - t)  # sinks left for F in case B
+    case_b = evicting & ~case_a & (c >= 2) & (F * B >= S) & (k <= u) & private_blocks
+    served = ~evicting | case_a | case_b
+    idx = torch.nonzero(served).flatten()
+    rest = torch.nonzero(~served).flatten()
+
+    F, L, c, u, t, e, k, seq = F[idx], L[idx], c[idx], u[idx], t[idx], e[idx], k[idx], seq[idx]
+    case_a, case_b, evicting, table = case_a[idx], case_b[idx], evicting[idx], table[idx]
+    n = len(idx)
+    nb = int(c.max()) if n else 1
+    logical = (F[:, None] + torch.arange(nb)[None, :]).clamp_max(table.shape[1] - 1)
+    logical = torch.minimum(logical, L[:, None])  # past the request's last block: repeat it (never read)
+    virtual = table.gather(1, logical)
+    virtual_seq = torch.where(case_a, (c - 1) * B + t + S, torch.where(case_b, c * B, seq))
+
+    # Sink copies: request r's sink i goes to L's free slot t + i, or (case B, past L's free
+    # slots) to F's slot u - k + (i - (B - t)).
+    ev = torch.nonzero(evicting).flatten()
+    if S and len(ev):
+        i = torch.arange(S)[None, :]
+        t_e, u_e, k_e, F_e, L_e = t[ev, None], u[ev, None], k[ev, None], F[ev, None], L[ev, None]
+        in_l = i < (B - t_e)
+        dst_logical = torch.where(in_l, L_e * B + t_e + i, F_e * B + u_e - k_e + (i - (B - t_e)))
+        tab = table[ev]
+        src = tab.gather(1, i.expand(len(ev), S) // B) * B + i % B
+        dst = tab.gather(1, dst_logical // B) * B + dst_logical % B
+        sink_src, sink_dst = src.reshape(-1), dst.reshape(-1)
+        cos = sin = None
+        if rope is not None:
+            cos, sin = rope.cos_sin(e[ev])
+            cos = cos.repeat_interleave(S, dim=0)
+            sin = sin.repeat_interleave(S, dim=0)
+    else:
+        sink_src = sink_dst = torch.zeros(0, dtype=torch.long)
+        cos = sin = None
+    return InPlacePlan(
+        rows=rows[idx],
+        rest=rest,
+        block_table=virtual.to(torch.int32),
+        seq_lens=virtual_seq.to(torch.int32),
+        query_start_loc=torch.arange(n + 1, dtype=torch.int32),
+        window=S + W,
+        sink_src=sink_src,
+        sink_dst=sink_dst,
+        sink_cos=cos,
+        sink_sin=sin,
+        block_size=B,
+    )
+
+
+def stage_sinks_(kv_cache: torch.Tensor, plan: InPlacePlan, rope: Rope | None) -> None:
+    """Write the plan's sink copies (keys rotated by ``e(p)``, values as they are) into one
+    layer's cache in vLLM's CPU layout (:func:`split_cpu_kv_cache`). Reads every source before
+    writing any destination."""
+    if plan.sink_src.numel() == 0:
+        return
+    keys, values = split_cpu_kv_cache(kv_cache)
+    B = plan.block_size
+    sb, so = plan.sink_src // B, plan.sink_src % B
+    db, do = plan.sink_dst // B, plan.sink_dst % B
+    k = keys[sb, :, so]  # [N, kv_heads, head_size] (a copy)
+    v = values[sb, :, so]
+    if plan.sink_cos is not None and rope is not None:
+        k = rope.apply(k.float(), plan.sink_cos, plan.sink_sin).to(kv_cache.dtype)
+    keys[db, :, do] = k
+    values[db, :, do] = v
+
+
+def in_place_decode_ref(
+    query: torch.Tensor, kv_cache: torch.Tensor, plan: InPlacePlan, *, scale: float, out: torch.Tensor,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """What the stock kernel computes on the plan's layout (after :func:`stage_sinks_`): each
+    served request's query attends the last ``plan.window`` of its ``plan.seq_lens`` virtual
+    positions, read through ``plan.block_table``. float32, one request at a time (the oracle)."""
+    keys, values = split_cpu_kv_cache(kv_cache)
+    B = plan.block_size
+    kv_heads = keys.shape[1]
+    for r, row in enumerate(plan.rows.tolist()):
+        n = int(plan.seq_lens[r])
+        pos = torch.arange(max(0, n - plan.window), n)
+        blk = plan.block_table[r].long()[pos // B]
+        k = keys[blk, :, pos % B].float()  # [n, kv_heads, D]
+        v = values[blk, :, pos % B].float()
+        q = query[row].float().view(kv_heads, -1, query.shape[-1])  # [kv_heads, group, D]
+        s = torch.einsum("hgd,nhd->hgn", q, k) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        o = torch.einsum("hgn,nhd->hgd", s.softmax(-1), v)
+        out[row] = o.reshape(out.shape[1:]).to(out.dtype)
+    return out

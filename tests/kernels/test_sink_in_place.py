@@ -1,0 +1,105 @@
+"""The in-place decode layout (``kernels/sink_in_place.py``) against the gathering decode path
+(``sink_window_decode``, itself checked against the per-request reference): after the sink
+copies are staged, a paged kernel with a sliding window of S + W tokens reading the planned
+block tables gives the policy's attention. Freed blocks are NaN, block tables shuffled; the
+test also checks the plan writes nothing but dead slots of a window's first block and free
+slots of its last, and leaves to the gathering path exactly the requests it has no room for."""
+
+import pytest
+import torch
+
+from tests.kernels.test_sink_decode import build_batch
+from vllm_kvstream.kernels import Rope, plan_decode, sink_window_decode, split_cpu_kv_cache
+from vllm_kvstream.kernels.sink_in_place import in_place_decode_ref, plan_in_place, stage_sinks_
+from vllm_kvstream.policies import build_policy
+
+POLICIES = [
+    ("streaming-sink", {"sink_tokens": 8, "window_tokens": 24}),  # align=block at 8: S one block, W 3 blocks
+    ("streaming-sink", {"sink_tokens": 4, "window_tokens": 20}),
+    ("streaming-sink", {"sink_tokens": 11, "window_tokens": 9}),  # sinks over two blocks
+    ("streaming-sink", {"sink_tokens": 1, "window_tokens": 5}),  # window inside one block
+    ("sliding-window", {"window_tokens": 13}),
+]
+SEQ_LENS = list(range(1, 90, 1)) + [300, 301, 1000]
+
+
+def _case(policy_name, params, block_size, private, dtype=torch.float32, softcap=None):
+    gen = torch.Generator().manual_seed(block_size + 7 * private)
+    policy = build_policy(policy_name, params)
+    hq, hkv, d = 6, 2, 16
+    rope = Rope.from_base(d, 10000.0, 64)
+    kv, kc, vc, tables = build_batch(policy, SEQ_LENS, block_size, hq, hkv, d, dtype, gen, rope)
+    rows = torch.arange(len(SEQ_LENS)) * 2 + 1  # each decode row after a row of something else
+    query = (torch.randn(2 * len(SEQ_LENS), hq, d, generator=gen) * 2).to(dtype)
+    pat = policy.pattern
+    kw = dict(sink_tokens=pat.sink_tokens, window_tokens=pat.window_tokens, block_size=block_size, rope=rope)
+    expected = torch.full_like(query, 7.0)
+    sink_window_decode(query, kv, plan_decode(rows, torch.tensor(SEQ_LENS), tables, **kw), scale=0.3, rope=rope,
+                       out=expected, softcap=softcap)
+    plan = plan_in_place(rows, torch.tensor(SEQ_LENS), tables, private_blocks=private, **kw)
+    return policy, kv, tables, rows, query, rope, plan, expected
+
+
+@pytest.mark.parametrize(("policy_name", "params"), POLICIES)
+@pytest.mark.parametrize("block_size", [8, 5])
+@pytest.mark.parametrize("private", [True, False])
+def test_in_place_layout_matches_gathering_decode(policy_name, params, block_size, private):
+    policy, kv, tables, rows, query, rope, plan, expected = _case(policy_name, params, block_size, private)
+    before = kv.clone()
+    stage_sinks_(kv, plan, rope)
+    out = torch.full_like(query, 7.0)
+    in_place_decode_ref(query, kv, plan, scale=0.3, out=out)
+    served = plan.rows
+    assert len(served) + len(plan.rest) == len(SEQ_LENS)
+    assert not torch.isnan(out[served]).any()
+    torch.testing.assert_close(out[served], expected[served], atol=1e-5, rtol=1e-5)
+
+    # Written: only dead slots of F (when private) and free slots of L, of evicting requests.
+    pat = policy.pattern
+    S, W, B = pat.sink_tokens, pat.window_tokens, block_size
+    allowed = set()
+    for r, seq in enumerate(SEQ_LENS):
+        p = seq - 1
+        if p - W + 1 - S <= 0:
+            continue
+        lo = p - W + 1
+        for pos in range(p + 1, (p // B + 1) * B):  # L's free slots
+            allowed.add(int(tables[r, pos // B]) * B + pos % B)
+        if private:
+            for pos in range((lo // B) * B, lo):  # F's dead slots
+                allowed.add(int(tables[r, pos // B]) * B + pos % B)
+    written = set()
+    for now, then in zip(split_cpu_kv_cache(kv), split_cpu_kv_cache(before)):  # [blocks, heads, slots, D]
+        changed = (now != then) & ~(torch.isnan(now) & torch.isnan(then))
+        blocks, _, slots, _ = torch.nonzero(changed, as_tuple=True)
+        written |= set((blocks * B + slots).tolist())
+    assert written <= allowed
+    if S and len(plan.sink_dst):
+        assert set(plan.sink_dst.tolist()) <= allowed
+
+
+@pytest.mark.parametrize("block_size", [8, 5])
+def test_rest_is_exactly_the_requests_without_room(block_size):
+    """Block-aligned sinks (S = B) fit only where F's dead slots are private: shared blocks
+    leave every evicting request to the gathering path, private ones all but the aligned step."""
+    S, W = block_size, 3 * block_size
+    for private in (False, True):
+        _, _, _, rows, _, _, plan, _ = _case("streaming-sink", {"sink_tokens": S, "window_tokens": W}, block_size, private)
+        evicting = {i for i, n in enumerate(SEQ_LENS) if n > S + W}
+        rest = set(plan.rest.tolist())
+        if not private:
+            assert rest == evicting
+        else:  # no room only when the window is block aligned: t = B
+            assert rest == {i for i in evicting if SEQ_LENS[i] % block_size == 0}
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.bfloat16, 3e-2), (torch.float16, 3e-3)])
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_in_place_layout_dtypes_and_softcap(dtype, tol, softcap):
+    _, kv, _, _, query, rope, plan, expected = _case(
+        "streaming-sink", {"sink_tokens": 4, "window_tokens": 20}, 8, True, dtype=dtype, softcap=softcap
+    )
+    stage_sinks_(kv, plan, rope)
+    out = torch.full_like(query, 7.0)
+    in_place_decode_ref(query, kv, plan, scale=0.3, out=out, softcap=softcap)
+    torch.testing.assert_close(out[plan.rows].float(), expected[plan.rows].float(), atol=tol, rtol=tol)
