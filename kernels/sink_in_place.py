@@ -57,9 +57,9 @@ class InPlacePlan:
     seq_lens: torch.Tensor  # [R] int32: the kernel's sequence length per request
     query_start_loc: torch.Tensor  # [R + 1] int32: 0, 1, ..., R (one query per request)
     window: int  # the kernel's sliding window, S + W tokens
-    sink_src: torch.Tensor  # [N] long: physical slot (block * B + offset) of each sink copied
-    sink_dst: torch.Tensor  # [N] long: physical slot it is copied to
-    sink_cos: torch.Tensor | None  # [N, rotary_dim // 2]: rotation by e(p) of each copied key
+    sink_blocks: torch.Tensor  # [E, ceil(S / B)] long: the sink blocks of the E evicting requests
+    sink_dst: torch.Tensor  # [E * S] long: physical slot (block * B + offset) each sink is copied to
+    sink_cos: torch.Tensor | None  # [E * S, rotary_dim // 2]: rotation by e(p) of each copied key
     sink_sin: torch.Tensor | None
     block_size: int
     #: Filled by the adapter: the kernel's scheduler metadata, shared by every layer.
@@ -118,16 +118,16 @@ def plan_in_place(
         in_l = i < (B - t_e)
         dst_logical = torch.where(in_l, L_e * B + t_e + i, F_e * B + u_e - k_e + (i - (B - t_e)))
         tab = table[ev]
-        src = tab.gather(1, i.expand(len(ev), S) // B) * B + i % B
-        dst = tab.gather(1, dst_logical // B) * B + dst_logical % B
-        sink_src, sink_dst = src.reshape(-1), dst.reshape(-1)
+        sink_blocks = tab[:, : -(-S // B)]
+        sink_dst = (tab.gather(1, dst_logical // B) * B + dst_logical % B).reshape(-1)
         cos = sin = None
         if rope is not None:
             cos, sin = rope.cos_sin(e[ev])
             cos = cos.repeat_interleave(S, dim=0)
             sin = sin.repeat_interleave(S, dim=0)
     else:
-        sink_src = sink_dst = torch.zeros(0, dtype=torch.long)
+        sink_blocks = torch.zeros(0, max(1, -(-S // B)), dtype=torch.long)
+        sink_dst = torch.zeros(0, dtype=torch.long)
         cos = sin = None
     return InPlacePlan(
         rows=rows[idx],
@@ -136,7 +136,7 @@ def plan_in_place(
         seq_lens=virtual_seq.to(torch.int32),
         query_start_loc=torch.arange(n + 1, dtype=torch.int32),
         window=S + W,
-        sink_src=sink_src,
+        sink_blocks=sink_blocks,
         sink_dst=sink_dst,
         sink_cos=cos,
         sink_sin=sin,
@@ -144,20 +144,38 @@ def plan_in_place(
     )
 
 
-def stage_sinks_(kv_cache: torch.Tensor, plan: InPlacePlan, rope: Rope | None) -> None:
-    """Write the plan's sink copies (keys rotated by ``e(p)``, values as they are) into one
-    layer's cache in vLLM's CPU layout (:func:`split_cpu_kv_cache`). Reads every source before
-    writing any destination."""
-    if plan.sink_src.numel() == 0:
+def sink_copies(kv_cache: torch.Tensor, plan: InPlacePlan, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plan's sink copies read from one layer's cache in vLLM's CPU layout: keys rotated
+    by ``e(p)`` and values, each ``[E * S, kv_heads, head_size]`` in ``plan.sink_dst``'s order.
+    One block gather (the sink blocks, whole), then a transpose of the keys to token rows."""
+    E, sb = plan.sink_blocks.shape
+    _, kv_heads, B, two_d = kv_cache.shape
+    D = two_d // 2
+    S = plan.sink_dst.numel() // max(E, 1)
+    raw = kv_cache.index_select(0, plan.sink_blocks.reshape(-1)).view(E, sb, kv_heads, 2, D * B)
+    k = raw[:, :, :, 0].view(E, sb, kv_heads, D, B).permute(0, 1, 4, 2, 3).reshape(E, sb * B, kv_heads, D)
+    v = raw[:, :, :, 1].view(E, sb, kv_heads, B, D).permute(0, 1, 3, 2, 4).reshape(E, sb * B, kv_heads, D)
+    k = k[:, :S].reshape(E * S, kv_heads, D)
+    v = v[:, :S].reshape(E * S, kv_heads, D)
+    if plan.sink_cos is not None and rope is not None:
+        k = rope.apply(k.float(), plan.sink_cos, plan.sink_sin).to(kv_cache.dtype)
+    return k, v
+
+
+def stage_sinks_(kv_cache: torch.Tensor, plan: InPlacePlan, rope: Rope | None, write=None) -> None:
+    """Write the plan's sink copies (:func:`sink_copies`) into their slots of one layer's cache
+    (vLLM's CPU layout). ``write(keys, values, slots)``: the cache writer (the adapter passes
+    vLLM's); default, torch indexing through :func:`split_cpu_kv_cache`. Every source is read
+    before any destination is written."""
+    if plan.sink_dst.numel() == 0:
+        return
+    k, v = sink_copies(kv_cache, plan, rope)
+    if write is not None:
+        write(k, v, plan.sink_dst)
         return
     keys, values = split_cpu_kv_cache(kv_cache)
     B = plan.block_size
-    sb, so = plan.sink_src // B, plan.sink_src % B
     db, do = plan.sink_dst // B, plan.sink_dst % B
-    k = keys[sb, :, so]  # [N, kv_heads, head_size] (a copy)
-    v = values[sb, :, so]
-    if plan.sink_cos is not None and rope is not None:
-        k = rope.apply(k.float(), plan.sink_cos, plan.sink_sin).to(kv_cache.dtype)
     keys[db, :, do] = k
     values[db, :, do] = v
 

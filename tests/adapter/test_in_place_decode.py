@@ -40,10 +40,10 @@ def test_stock_kernel_in_place_matches_gathering_decode(policy_name, params, blo
     sink_window_decode(query, kv, plan_decode(rows, torch.tensor(seq_lens), tables, **kw), scale=0.125, rope=rope,
                        out=expected, softcap=softcap)
     plan = plan_in_place(rows, torch.tensor(seq_lens), tables, private_blocks=private, **kw)
-    plan = in_place_metadata(plan, num_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype,
-                             isa="vec" if block_size % 32 == 0 else "vec16")
+    isa = "vec" if block_size % 32 == 0 else "vec16"
+    plan = in_place_metadata(plan, num_heads=hq, num_kv_heads=hkv, head_dim=d, dtype=dtype, isa=isa)
     out = torch.full_like(query, 7.0)
-    in_place_decode(query, kv, plan, scale=0.125, rope=rope, out=out, softcap=softcap)
+    in_place_decode(query, kv, plan, scale=0.125, rope=rope, out=out, isa=isa, softcap=softcap)
     served = plan.rows
     if private:  # with private blocks only a block-aligned window (or one block of it) lacks room
         assert len(plan.rest) <= sum(n % block_size in (0, 1) for n in seq_lens)

@@ -12,10 +12,14 @@ skipped, not masked. It also meets the sinks at StreamingLLM's cache-relative di
 Mechanism: the cache layout, the cache writes and, while nothing is evicted, attention itself
 are vLLM's own CPU backend (``CPU_ATTN``), composed, not copied: a step in which no request
 has passed sink + window (every short stream; ``full`` always) runs the stock C++ kernel
-unchanged, so the plugin costs short streams nothing. A step with an evicting request runs
-``kernels.sink_window_decode`` for its one-token (decode) requests, from a plan built once per
-step by the metadata builder (the blocks to read and the attended slots do not depend on the
-layer), and the reference for its prefill chunks, one request at a time. Both read the stock
+unchanged, so the plugin costs short streams nothing. A step with an evicting request reads
+its one-token (decode) requests *in place* with the same C++ kernel where the layout allows
+(``kernels/sink_in_place.py``: the sinks' rotated copies staged in the window's dead and free
+slots, the window's blocks as the block table, a sliding window of S + W tokens; dead slots of
+a window's first block are written only with prefix caching off, where no block is shared),
+the others through ``kernels.sink_window_decode`` (one gather of their kept blocks), both
+from plans built once per step by the metadata builder (the blocks to read and the attended
+slots do not depend on the layer), and its prefill chunks through ``kernels.sink_prefill``. Both read the stock
 layout through ``kernels.split_cpu_kv_cache``. A policy that selects blocks by score
 (``topk-importance``) runs its steps through ``adapter.selection.SelectionStore``, which
 keeps each request's selection per layer and copies kept content out of blocks about to be
@@ -470,8 +474,8 @@ class KVStreamImpl(PolicyImplBase):
 
 
     def _in_place_decode(self, layer, query, kv_cache, plan: InPlacePlan, out) -> None:
-        in_place_decode(query, kv_cache, plan, scale=self.scale, rope=self.rope, out=out, softcap=self.logits_soft_cap,
-                        k_scale=layer._k_scale_float, v_scale=layer._v_scale_float)
+        in_place_decode(query, kv_cache, plan, scale=self.scale, rope=self.rope, out=out, isa=layer.isa,
+                        softcap=self.logits_soft_cap, k_scale=layer._k_scale_float, v_scale=layer._v_scale_float)
 
 
 def in_place_metadata(plan: InPlacePlan, *, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
@@ -493,14 +497,18 @@ def in_place_metadata(plan: InPlacePlan, *, num_heads: int, num_kv_heads: int, h
     ))
 
 
-def in_place_decode(query, kv_cache, plan: InPlacePlan, *, scale: float, rope, out, softcap=None,
+def in_place_decode(query, kv_cache, plan: InPlacePlan, *, scale: float, rope, out, isa: str, softcap=None,
                     k_scale: float = 1.0, v_scale: float = 1.0) -> None:
     """The stock C++ kernel over the plan's layout (``kernels/sink_in_place.py``): the sink
     copies staged in the window's dead and free slots, then one call for all the plan's
     requests; writes rows ``plan.rows`` of ``out`` ``[T, heads, D]``."""
-    stage_sinks_(kv_cache, plan, rope)
     num_blocks, kv_heads, block_size, _ = kv_cache.shape
     key_cache, value_cache = kv_cache.view(num_blocks, kv_heads, 2 * block_size, -1).chunk(2, dim=2)
+
+    def write(k, v, slots):  # vLLM's cache writer: the layout it reads
+        _cpu_ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa, k_scale=k_scale, v_scale=v_scale)
+
+    stage_sinks_(kv_cache, plan, rope, write)
     q = query.index_select(0, plan.rows)
     o = torch.empty_like(q)
     _cpu_ops.cpu_attention_with_kv_cache(
