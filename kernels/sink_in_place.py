@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_kvstream.kernels.rope import Rope
-from vllm_kvstream.kernels.sink_decode import split_cpu_kv_cache
+from vllm_kvstream.kernels.sink_decode import _rotate_keys_, split_cpu_kv_cache
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +59,7 @@ class InPlacePlan:
     window: int  # the kernel's sliding window, S + W tokens
     sink_blocks: torch.Tensor  # [E, ceil(S / B)] long: the sink blocks of the E evicting requests
     sink_dst: torch.Tensor  # [E * S] long: physical slot (block * B + offset) each sink is copied to
-    sink_cos: torch.Tensor | None  # [E * S, rotary_dim // 2]: rotation by e(p) of each copied key
+    sink_cos: torch.Tensor | None  # [E, rotary_dim // 2]: each evicting request's rotation by e(p)
     sink_sin: torch.Tensor | None
     block_size: int
     #: Filled by the adapter: the kernel's scheduler metadata, shared by every layer.
@@ -123,8 +123,6 @@ def plan_in_place(
         cos = sin = None
         if rope is not None:
             cos, sin = rope.cos_sin(e[ev])
-            cos = cos.repeat_interleave(S, dim=0)
-            sin = sin.repeat_interleave(S, dim=0)
     else:
         sink_blocks = torch.zeros(0, max(1, -(-S // B)), dtype=torch.long)
         sink_dst = torch.zeros(0, dtype=torch.long)
@@ -153,12 +151,17 @@ def sink_copies(kv_cache: torch.Tensor, plan: InPlacePlan, rope: Rope | None) ->
     D = two_d // 2
     S = plan.sink_dst.numel() // max(E, 1)
     raw = kv_cache.index_select(0, plan.sink_blocks.reshape(-1)).view(E, sb, kv_heads, 2, D * B)
-    k = raw[:, :, :, 0].view(E, sb, kv_heads, D, B).permute(0, 1, 4, 2, 3).reshape(E, sb * B, kv_heads, D)
+    kt = raw[:, :, :, 0].view(E, sb, kv_heads, D, B)  # keys transposed per block: [D, B]
+    if plan.sink_cos is not None and rope is not None:  # in place on the gathered copy
+        c = plan.sink_cos.to(kt.dtype)[:, None, None, :, None]
+        s = plan.sink_sin.to(kt.dtype)[:, None, None, :, None]
+        _rotate_keys_(kt if S > B else kt[..., :S], c, s, rope)
+    k = kt.permute(0, 1, 4, 2, 3).reshape(E, sb * B, kv_heads, D)
     v = raw[:, :, :, 1].view(E, sb, kv_heads, B, D).permute(0, 1, 3, 2, 4).reshape(E, sb * B, kv_heads, D)
-    k = k[:, :S].reshape(E * S, kv_heads, D)
-    v = v[:, :S].reshape(E * S, kv_heads, D)
-    if plan.sink_cos is not None and rope is not None:
-        k = rope.apply(k.float(), plan.sink_cos, plan.sink_sin).to(kv_cache.dtype)
+    # contiguous: the reshapes are views when one request has one sink block, and vLLM's
+    # cache writer wants unit stride in head_size.
+    k = k[:, :S].reshape(E * S, kv_heads, D).contiguous()
+    v = v[:, :S].reshape(E * S, kv_heads, D).contiguous()
     return k, v
 
 

@@ -24,13 +24,24 @@ CASES = [
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_stock_kernel_in_place_matches_gathering_decode(policy_name, params, block_size, private, dtype, tol, softcap):
+    seq_lens = [1, 31, 32, 33, 127, 128, 129, 130, 160, 161, 200, 255, 256, 257, 1000, 1001]
+    check_in_place(policy_name, params, block_size, private, dtype, tol, softcap, seq_lens)
+
+
+@pytest.mark.parametrize(("policy_name", "params", "block_size"), CASES)
+def test_one_evicting_request(policy_name, params, block_size):
+    """One request past eviction (its sink copies a single block's: the gathered tensors' views
+    are not contiguous unless made so, and vLLM's cache writer refuses them)."""
+    check_in_place(policy_name, params, block_size, True, torch.float32, 2e-5, None, [1001])
+
+
+def check_in_place(policy_name, params, block_size, private, dtype, tol, softcap, seq_lens):
     from vllm_kvstream.adapter.attention import in_place_decode, in_place_metadata
 
     gen = torch.Generator().manual_seed(block_size + private)
     policy = build_policy(policy_name, params)
     hq, hkv, d = 6, 2, 64
     rope = Rope.from_base(d, 10000.0, 128)
-    seq_lens = [1, 31, 32, 33, 127, 128, 129, 130, 160, 161, 200, 255, 256, 257, 1000, 1001]
     kv, _, _, tables = build_batch(policy, seq_lens, block_size, hq, hkv, d, dtype, gen, rope)
     rows = torch.arange(len(seq_lens)) * 2 + 1
     query = (torch.randn(2 * len(seq_lens), hq, d, generator=gen) * 2).to(dtype)

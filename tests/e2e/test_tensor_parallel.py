@@ -106,10 +106,13 @@ def check_tp_pair(pair: dict, config: dict) -> dict:
     # Every rank took the same decision at every step, and TP=1's.
     assert sorted(two["trace"]) == [f"rank{r}.jsonl" for r in range(TP)], sorted(two["trace"])
     assert list(one["trace"]) == ["rank0.jsonl"]
-    lines = one["trace"]["rank0.jsonl"]
+    every = one["trace"]["rank0.jsonl"]
+    # The decisions, one line per step; "decode" lines (which read path each step's decode took)
+    # ride beside them.
+    lines = [x for x in every if x["kind"] != "decode"]
     assert len(lines) == one["run"]["steps"]  # one line per step
     for r in range(TP):
-        assert two["trace"][f"rank{r}.jsonl"] == lines, f"rank {r}'s decisions differ from TP=1's"
+        assert two["trace"][f"rank{r}.jsonl"] == every, f"rank {r}'s decisions differ from TP=1's"
     # ... and the stream ran well past eviction: the trace shows blocks dropped.
     last = lines[-1]["requests"][0]
     kept = last["blocks"] if lines[-1]["kind"] == "position" else next(iter(last["kept"].values()))
