@@ -438,7 +438,7 @@ def quant_write_ref(
     rope's, NeoX without one) picks the INT4 channel pairing (:func:`pair_order`).
     """
     L = layout
-    bs, S, qmax = L.block_size, L.sink_tokens, L.qmax
+    bs, S = L.block_size, L.sink_tokens
     view = PageView(cache, L)
     slots = slots.to(torch.long)
     positions = positions.to(torch.long)
@@ -456,6 +456,12 @@ def quant_write_ref(
     if bool((~is_sink).any()):
         stats.update(k[~is_sink])
     neox = is_neox_style if is_neox_style is not None else (rope.is_neox_style if rope is not None else True)
+    _write_blocks(view, blocks, offsets, k, v, is_sink, stats, L, neox)
+
+
+def _write_blocks(view, blocks, offsets, k, v, is_sink, stats, L: QuantLayout, neox: bool) -> None:
+    """:func:`quant_write_ref`'s store, one block at a time (``k`` pre-RoPE, the EMAs updated)."""
+    bs, qmax = L.block_size, L.qmax
     for b in torch.unique(blocks).tolist():
         sel = blocks == b
         off = offsets[sel]
@@ -482,6 +488,112 @@ def quant_write_ref(
             s_abs = kb[sink_b].abs().amax(dim=-1).clamp_min(SINK_SCALE_MIN)  # [s, H]
             view.sink_scale[b, :, s_off] = s_abs.half().t()
             view.sink_k[b, :, s_off] = _encode(kb[sink_b], s_abs.half().float()[..., None], 127).permute(1, 0, 2)
+
+
+def quant_write_cpu(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cache: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    stats: QuantStats,
+    layout: QuantLayout,
+    *,
+    rope: Rope | None,
+    is_neox_style: bool | None = None,
+) -> None:
+    """:func:`quant_write_ref` with its decode case batched: the blocks that take one token,
+    not their first and not a sink, in one set of torch ops for all of them (a step's decode
+    tokens, one per request), re-encoding in the same ops the earlier tokens of those whose
+    channel range grew. Every other block (a block's start, a prefill chunk, sinks, per-token
+    key scales) takes the reference's loop. The same bytes as the reference (tested)."""
+    L = layout
+    n = slots.numel()
+    if not L.scaled or L.key_scale != "channel" or n < 2:
+        quant_write_ref(key, value, cache, slots, positions, stats, L, rope=rope, is_neox_style=is_neox_style)
+        return
+    bs = L.block_size
+    slots = slots.to(torch.long)
+    positions = positions.to(torch.long)
+    blocks, offsets = slots // bs, slots % bs
+    # One token of its block in this write (vLLM's slot mappings keep a block's tokens together).
+    alone = torch.ones(n, dtype=torch.bool)
+    same = blocks[1:] == blocks[:-1]
+    alone[1:] &= ~same
+    alone[:-1] &= ~same
+    batched = alone & (offsets > 0) & (positions >= L.sink_tokens)
+    if int(batched.sum()) < 2:
+        quant_write_ref(key, value, cache, slots, positions, stats, L, rope=rope, is_neox_style=is_neox_style)
+        return
+    neox = is_neox_style if is_neox_style is not None else (rope.is_neox_style if rope is not None else True)
+    k = key.float()
+    if rope is not None:
+        k = rope.rotate(k, -positions)
+    v = value.float()
+    is_sink = positions < L.sink_tokens
+    if bool((~is_sink).any()):
+        stats.update(k[~is_sink])
+    view = PageView(cache, L)
+    rest = torch.nonzero(~batched).flatten()
+    if len(rest):
+        _write_blocks(view, blocks[rest], offsets[rest], k[rest], v[rest], is_sink[rest], stats, L, neox)
+    idx = torch.nonzero(batched).flatten()
+    _write_alone(view, blocks[idx], offsets[idx], k[idx], v[idx], L, neox)
+
+
+def _write_alone(view, b, off, kb, vb, L: QuantLayout, neox: bool) -> None:
+    """One token ``kb``, ``vb`` ``[m, H, D]`` into slot ``off`` of each block ``b`` ``[m]`` (not its
+    first slot, not a sink): :func:`_write_channel_keys` and the value store for all at once."""
+    m, H, D = kb.shape
+    old_lo, old_hi = _channel_range(view, b, L)  # [m, H, D]
+    if L.key_zero_point:
+        new_lo, new_hi = kb, kb
+    else:
+        new_hi = kb.abs()
+        new_lo = -new_hi
+    lo = torch.minimum(old_lo, new_lo).half().float()
+    hi = torch.maximum(old_hi, new_hi).half().float()
+    grew = ((hi > old_hi) | (lo < old_lo)).flatten(1).any(dim=1)
+    g = torch.nonzero(grew).flatten()
+    if len(g):  # re-encode the earlier tokens of the blocks that outgrew their range
+        bg = b[g]
+        view_lo, view_hi = old_lo[g][:, :, None, :], old_hi[g][:, :, None, :]
+        prev = _decode_keys(unpack_codes(view.k_codes[bg], L, neox), view_lo, view_hi, L)  # [g, H, bs, D]
+        if L.n_out:
+            oi = view.out_idx[bg].long()  # [g, H, n_out]
+            oabs = torch.gather(torch.maximum(old_hi[g], -old_lo[g]), 2, oi)
+            vals = _decode(view.out_k[bg], oabs[:, :, None, :], 127)
+            prev.scatter_(3, oi[:, :, None, :].expand(-1, -1, L.block_size, -1), vals)
+        codes, out_codes = _key_codes(view, bg, prev, lo[g][:, :, None, :], hi[g][:, :, None, :], L)
+        earlier = (torch.arange(L.block_size)[None, :] < off[g, None])[:, None, :, None]  # [g, 1, bs, 1]
+        view.k_codes[bg] = torch.where(earlier, pack_codes(codes, L, neox), view.k_codes[bg])
+        if L.n_out:
+            view.out_k[bg] = torch.where(earlier, out_codes, view.out_k[bg])
+    view.k_scale[b] = hi.half()
+    if L.key_zero_point:
+        view.k_zero[b] = lo.half()
+    codes, out_codes = _key_codes(view, b, kb, lo, hi, L)
+    if L.n_out:
+        view.out_k[b, :, off] = out_codes
+    view.k_codes[b, :, off] = pack_codes(codes, L, neox)
+    v_abs = vb.abs().amax(dim=-1)  # [m, H]
+    view.v_scale[b, :, off] = v_abs.half()
+    view.v_codes[b, :, off] = pack_codes(_encode_values(vb, v_abs.half().float()[..., None], L), L, neox)
+
+
+def _key_codes(view, b, x, lo, hi, L: QuantLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Main codes of keys ``x`` ``[m, H, ..., D]`` in blocks ``b`` ``[m]`` with ranges ``lo``,
+    ``hi`` (broadcast to ``x``), outlier channels filled, and the outliers' own codes
+    ``[m, H, ..., n_out]`` (None without outlier channels): :func:`_store_keys`'s encoding."""
+    codes = _encode_keys(x, lo, hi, L)
+    if not L.n_out:
+        return codes, None
+    fill = 0 if L.key_zero_point else L.qmax + 1
+    idx = view.out_idx[b].long()  # [m, H, n_out]
+    idx = idx.view(*idx.shape[:2], *([1] * (x.dim() - 3)), L.n_out).expand(*x.shape[:-1], L.n_out)
+    codes.scatter_(-1, idx, fill)
+    out_abs = torch.gather(torch.maximum(hi, -lo).expand(x.shape), -1, idx)
+    return codes, _encode(torch.gather(x, -1, idx), out_abs, 127)
 
 
 def _write_channel_keys(view, b, off, first, kb, sink_b, stats, L: QuantLayout, neox: bool) -> None:

@@ -33,7 +33,7 @@ import torch
 
 from vllm_kvstream.errors import KVStreamConfigError
 
-from vllm_kvstream.kernels.kv_quant import NF4, NF4_EDGES, QuantLayout, QuantStats, quant_read_cpu, quant_write_ref
+from vllm_kvstream.kernels.kv_quant import NF4, NF4_EDGES, QuantLayout, QuantStats, quant_read_cpu, quant_write_cpu, quant_write_ref
 from vllm_kvstream.kernels.rope import Rope
 from vllm_kvstream.kernels.sink_prefill import sink_window_attention
 
@@ -343,10 +343,10 @@ def quant_sink_window_attention(
 
 def quant_write(key_pre: torch.Tensor, *args, is_neox_style: bool = True) -> None:
     """Dispatcher of the store, :func:`quant_store`'s arguments: the Triton kernel on CUDA
-    (:func:`use_triton`), the
-    float32 reference :func:`~vllm_kvstream.kernels.kv_quant.quant_write_ref` elsewhere (the
-    CPU path; keys already pre-RoPE, so no rope)."""
+    (:func:`use_triton`), :func:`~vllm_kvstream.kernels.kv_quant.quant_write_cpu` elsewhere
+    (the reference with a step's decode tokens batched: the CPU path; keys already pre-RoPE,
+    so no rope)."""
     if use_triton(key_pre):
         quant_store(key_pre, *args, is_neox_style=is_neox_style)
     else:
-        quant_write_ref(key_pre, *args, rope=None, is_neox_style=is_neox_style)
+        quant_write_cpu(key_pre, *args, rope=None, is_neox_style=is_neox_style)

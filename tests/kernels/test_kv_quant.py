@@ -510,3 +510,50 @@ def test_fast_cpu_read_equals_the_reference(bits, layout, D, H, bs, neox):
     # The last block is partly written: its other slots decode garbage bytes, on both alike.
     torch.testing.assert_close(k, k_ref, atol=1e-6, rtol=1e-6, equal_nan=True)
     torch.testing.assert_close(v, v_ref, atol=0, rtol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize(("bits", "layout"), [*LAYOUTS, (8, {"key_scale": "token", "outlier_channels": 0}),
+                                              (4, {"outlier_channels": 0})])
+@pytest.mark.parametrize(("D", "H", "bs", "neox"), [(32, 2, 8, True), (16, 3, 5, False)])
+def test_batched_cpu_store_writes_the_reference_bytes(bits, layout, D, H, bs, neox):
+    """A batch of streams: each prefilled by a chunk, then decode steps of one token per stream
+    in a shuffled order (blocks started, sinks and channel ranges outgrown among them): the
+    batched store leaves the cache and the EMAs byte for byte as the reference does."""
+    from vllm_kvstream.kernels.kv_quant import quant_write_cpu
+
+    gen = torch.Generator().manual_seed(bits + D + bs)
+    L = QuantLayout(bits, D, bs, **{"sink_tokens": 3, "outlier_channels": 2, **layout})
+    streams, nb, steps = 5, 60, 3 * bs
+    rope = Rope.from_base(D, 10000.0, 1024, is_neox_style=neox)
+    cache = torch.randint(0, 256, (nb, H, L.head_bytes), dtype=torch.uint8, generator=gen)
+    rows = torch.randperm(nb, generator=gen).view(streams, -1)  # each stream's blocks, shuffled
+    lens = [1, 2, bs - 1, bs, 2 * bs + 1]  # the first decode token: inside the sinks, a block's first slot, ...
+    writes = []  # (stream, positions) per call
+    writes.append([(r, torch.arange(n)) for r, n in enumerate(lens)])
+    for i in range(steps):
+        order = torch.randperm(streams, generator=gen).tolist()
+        writes.append([(r, torch.tensor([lens[r] + i])) for r in order])
+    ref, got = cache.clone(), cache.clone()
+    s_ref, s_got = QuantStats.empty(H, D), QuantStats.empty(H, D)
+    grown = batched = 0
+    for call in writes:
+        pos = torch.cat([p for _, p in call])
+        slots = torch.cat([rows[r][p // bs] * bs + p % bs for r, p in call])
+        k_pre = torch.randn(len(pos), H, D, generator=gen)
+        k_pre[:, :, 5] *= 8.0
+        k_pre *= 1.0 + 2.0 * (torch.rand(len(pos), 1, 1, generator=gen) < 0.2)  # some keys outgrow their block
+        k = rope.rotate(k_pre, pos)
+        v = torch.randn(len(pos), H, D, generator=gen)
+        alone = (pos >= L.sink_tokens) & (pos % bs > 0) & torch.tensor([len(p) == 1 for _, p in call for _ in p])
+        before = PageView(got, L).k_scale[slots // bs].clone() if L.scaled else None
+        quant_write_ref(k, v, ref, slots, pos, s_ref, L, rope=rope, is_neox_style=neox)
+        quant_write_cpu(k, v, got, slots, pos, s_got, L, rope=rope, is_neox_style=neox)
+        assert torch.equal(got, ref), "the batched store wrote other bytes than the reference"
+        for a, b in ((s_got.ema_absmax, s_ref.ema_absmax), (s_got.ema_min, s_ref.ema_min), (s_got.ema_max, s_ref.ema_max)):
+            assert torch.equal(a, b)
+        if L.scaled and L.key_scale == "channel" and len(call) > 1:
+            after = PageView(got, L).k_scale[slots // bs]
+            batched += int(alone.sum())
+            grown += int(((after != before).flatten(1).any(dim=1) & alone).sum())
+    if L.scaled and L.key_scale == "channel":  # the case ran, and re-encoded blocks too
+        assert batched >= streams * (steps - 4) and 0 < grown < batched, (batched, grown)
