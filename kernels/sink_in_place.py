@@ -43,6 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_kvstream.kernels import cpu_ext
 from vllm_kvstream.kernels.rope import Rope
 from vllm_kvstream.kernels.sink_decode import _rotate_keys_, split_cpu_kv_cache
 
@@ -165,12 +166,21 @@ def sink_copies(kv_cache: torch.Tensor, plan: InPlacePlan, rope: Rope | None) ->
     return k, v
 
 
-def stage_sinks_(kv_cache: torch.Tensor, plan: InPlacePlan, rope: Rope | None, write=None) -> None:
+def stage_sinks_(kv_cache: torch.Tensor, plan: InPlacePlan, rope: Rope | None, write=None, *,
+                 compiled: bool = True) -> None:
     """Write the plan's sink copies (:func:`sink_copies`) into their slots of one layer's cache
-    (vLLM's CPU layout). ``write(keys, values, slots)``: the cache writer (the adapter passes
-    vLLM's); default, torch indexing through :func:`split_cpu_kv_cache`. Every source is read
-    before any destination is written."""
+    (vLLM's CPU layout). With ``compiled`` and a cache the compiled helper serves
+    (``cpu_ext.can_stage``: float32 or bfloat16), one pass in C (``csrc/stage_sinks.c``);
+    otherwise torch: ``write(keys, values, slots)`` is the cache writer (the adapter passes
+    vLLM's), default torch indexing through :func:`split_cpu_kv_cache`. Every source is read
+    before any destination is written (sources and destinations are distinct blocks)."""
     if plan.sink_dst.numel() == 0:
+        return
+    if compiled and cpu_ext.can_stage(kv_cache):
+        rotate = plan.sink_cos is not None and rope is not None
+        cpu_ext.stage_sinks(kv_cache, plan.sink_blocks, plan.sink_dst, plan.sink_cos if rotate else None,
+                            plan.sink_sin if rotate else None, rotary_dim=rope.rotary_dim if rotate else 0,
+                            neox=bool(rope.is_neox_style) if rotate else True)
         return
     k, v = sink_copies(kv_cache, plan, rope)
     if write is not None:

@@ -30,10 +30,12 @@ SINK, WINDOW, BLOCK, CHUNK = 4, 124, 32, 128
 # test_scaled_rope_matches_transformers_streaming_llm_oracle, Qwen3 is plain RoPE, Gemma-2's hybrid layers and soft-cap are also
 # decoded past eviction by test_hybrid_decode_equals_teacher_forced_prefill_past_eviction, and
 # Mistral (every layer sliding) leaves KV management to vLLM.
+# Gemma-3 is streamed by the default suite in INT8 pages (test_family_streams_with_quantized_pages)
+# and decoded past eviction in the hybrid tests; its float stream here is `slow` too.
 SERVED = [
-    "llama3", "gemma3",
+    "llama3",
     *(pytest.param(f, marks=pytest.mark.slow)
-      for f in ("qwen2-yarn", "qwen3", "mistral-sliding", "gemma2", "llama-linear", "llama-dynamic")),
+      for f in ("gemma3", "qwen2-yarn", "qwen3", "mistral-sliding", "gemma2", "llama-linear", "llama-dynamic")),
 ]
 
 
@@ -136,7 +138,8 @@ def test_hybrid_sliding_layers_keep_vllms_window_in_the_plugins_pages(family_mod
     assert mean(d_narrow[80:]) > 4 * mean(d_wide[80:])
 
 
-@pytest.mark.parametrize("family, method", [("gemma3", "int8"), ("llama3", "int4")])
+# INT4 on a plain Llama stream: tests/e2e/test_quant_engine.py (int4 long stream, bounded); here `slow`.
+@pytest.mark.parametrize("family, method", [("gemma3", "int8"), pytest.param("llama3", "int4", marks=pytest.mark.slow)])
 def test_family_streams_with_quantized_pages(family_model, family, method):
     model = family_model(family)
     config = {**_sink(), "kv_quant": method}
@@ -216,7 +219,9 @@ def test_gemma3_270m_full_policy_equals_stock_on_austen():
     assert abs(full / stock - 1) < 0.01, (full, stock)
 
 
-@pytest.mark.parametrize("family", ["gemma3", "gemma2"])
+# Gemma-2 (alternating sliding layers, soft-cap) in the default suite; Gemma-3's layer_types
+# hybrid is `slow` here (its sliding layers run in test_hybrid_sliding_layers_keep_vllms_window...).
+@pytest.mark.parametrize("family", [pytest.param("gemma3", marks=pytest.mark.slow), "gemma2"])
 def test_hybrid_decode_equals_teacher_forced_prefill_past_eviction(family_model, family):
     """Gemma's hybrid layers (and Gemma-2's soft-capping) past eviction: the log-probs of 64
     generated tokens (the batched decode path) equal those the chunked-prefill path gives the

@@ -103,3 +103,53 @@ def test_in_place_layout_dtypes_and_softcap(dtype, tol, softcap):
     out = torch.full_like(query, 7.0)
     in_place_decode_ref(query, kv, plan, scale=0.3, out=out, softcap=softcap)
     torch.testing.assert_close(out[plan.rows].float(), expected[plan.rows].float(), atol=tol, rtol=tol)
+
+
+def _staged(kv, plan, rope, compiled):
+    out = kv.clone()
+    stage_sinks_(out, plan, rope, compiled=compiled)
+    return out
+
+
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float32, 0.0), (torch.bfloat16, 1.6e-2)])
+@pytest.mark.parametrize(("params", "block_size"), [
+    ({"sink_tokens": 8, "window_tokens": 24}, 8),  # S = B: every evicting decode is case B
+    ({"sink_tokens": 7, "window_tokens": 22}, 5),  # sinks over two blocks
+    ({"sink_tokens": 4, "window_tokens": 20}, 8),
+])
+@pytest.mark.parametrize(("neox", "rotary_dim"), [(True, 16), (False, 16), (True, 8)])
+def test_compiled_staging_writes_the_torch_staging(dtype, tol, params, block_size, neox, rotary_dim):
+    """``csrc/stage_sinks.c`` (one pass: gather, rotate, scatter) against the torch path, on
+    shuffled block tables with NaN in freed blocks: the same slots written with the same values
+    (float32 bit for bit: the same products and sums, no fused multiply-add; bfloat16 rounds
+    once in C where torch rounds after each op), GPT-J and partial rotary layouts included."""
+    from vllm_kvstream.kernels import cpu_ext
+
+    if cpu_ext.library() is None:
+        pytest.skip("no C compiler: the torch path serves (tested above)")
+    _, kv, tables, rows, _, _, _, _ = _case("streaming-sink", params, block_size, True, dtype=dtype)
+    rope = Rope.from_base(rotary_dim, 10000.0, 64, is_neox_style=neox)
+    plan = plan_in_place(rows, torch.tensor(SEQ_LENS), tables, sink_tokens=params["sink_tokens"],
+                         window_tokens=params["window_tokens"], block_size=block_size, rope=rope, private_blocks=True)
+    assert plan.sink_dst.numel() > 0 and cpu_ext.can_stage(kv)
+    got, want = _staged(kv, plan, rope, True), _staged(kv, plan, rope, False)
+    assert torch.equal(torch.isnan(got), torch.isnan(want))  # the same slots written
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol, equal_nan=True)
+    assert not torch.equal(got.nan_to_num(), kv.nan_to_num())
+
+
+def test_staging_without_the_compiled_helper_falls_back_to_torch(monkeypatch):
+    """``VLLM_KVSTREAM_CPU_EXT=0`` (as where no compiler exists): no library, the torch path
+    writes the same copies."""
+    from vllm_kvstream.kernels import cpu_ext
+
+    _, kv, _, _, _, rope, plan, _ = _case("streaming-sink", {"sink_tokens": 8, "window_tokens": 24}, 8, True)
+    want = _staged(kv, plan, rope, False)
+    monkeypatch.setenv("VLLM_KVSTREAM_CPU_EXT", "0")
+    cpu_ext.library.cache_clear()
+    try:
+        assert cpu_ext.library() is None and not cpu_ext.can_stage(kv)
+        torch.testing.assert_close(_staged(kv, plan, rope, True), want, atol=0, rtol=0, equal_nan=True)
+    finally:
+        monkeypatch.delenv("VLLM_KVSTREAM_CPU_EXT")
+        cpu_ext.library.cache_clear()

@@ -76,6 +76,7 @@ from vllm_kvstream.kernels import (
     DecodePlan,
     RequestSlice,
     Rope,
+    cpu_ext,
     plan_decode,
     sink_window_attention,
     sink_window_decode,
@@ -199,6 +200,8 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         if flag not in ("0", "1"):
             raise ValueError(f"vllm-kvstream: {IN_PLACE_ENV}={flag!r}; allowed: '1' (default) or '0'")
         self.in_place_on = flag == "1"
+        if self.in_place_on:
+            cpu_ext.library()  # build the sink-staging helper now, not in a decode step (None: torch)
         if self.stock.isa not in LAYOUT_ISAS:  # pin the layout the readers know (module docstring)
             self.stock.isa = "vec" if self.block_size % 32 == 0 else "vec16"
             self.stock._set_isa_to_layers(layer_names)

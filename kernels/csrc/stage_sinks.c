@@ -1,0 +1,75 @@
+/* The in-place decode's sink copies in one pass (kernels/sink_in_place.py, stage_sinks_):
+ * read each evicting request's sink tokens from its sink blocks, rotate their keys by the
+ * request's evicted count (cos/sin given), and write keys and values into their destination
+ * slots. vLLM's CPU cache layout, per block and kv head: keys [D][B] (transposed), then values
+ * [B][D]. Built by kernels/cpu_ext.py (cc -O3 -shared), called through ctypes; the torch
+ * path in sink_in_place.py is the reference it is tested against. Sources and destinations
+ * are distinct blocks (the plan guarantees it), so request by request is safe. */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* Per request: the source and destination offsets of each sink (one division each), then
+ * per kv head and key row d a sequential sweep over the sinks (row d of a [D][B] block is
+ * contiguous in tokens), then the value rows. */
+#define STAGE(NAME, T, LOAD, STORE)                                                                  \
+    void NAME(T *cache, int64_t block_stride, int64_t head_stride, int64_t H, int64_t B, int64_t D,     \
+              const int64_t *sink_blocks, int64_t sb, const int64_t *dst, int64_t E, int64_t S,          \
+              const float *cosv, const float *sinv, int64_t rd, int64_t neox) {                          \
+        const int64_t half = rd / 2;                                                                 \
+        int64_t *buf = (int64_t *)malloc(sizeof(int64_t) * 4 * (S > 0 ? S : 1));                     \
+        if (!buf) return;                                                                            \
+        int64_t *sblk = buf, *soff = buf + S, *dblk = buf + 2 * S, *doff = buf + 3 * S;             \
+        for (int64_t r = 0; r < E; r++) {                                                            \
+            for (int64_t i = 0; i < S; i++) { /* block bases (elements) and in-block offsets */      \
+                const int64_t slot = dst[r * S + i];                                                 \
+                sblk[i] = sink_blocks[r * sb + i / B] * block_stride;                                \
+                soff[i] = i % B;                                                                     \
+                dblk[i] = (slot / B) * block_stride;                                                 \
+                doff[i] = slot % B;                                                                  \
+            }                                                                                        \
+            const float *c = cosv ? cosv + r * half : 0;                                             \
+            const float *s = sinv ? sinv + r * half : 0;                                             \
+            for (int64_t h = 0; h < H; h++) {                                                        \
+                T *base = cache + h * head_stride;                                                   \
+                if (c) {                                                                             \
+                    for (int64_t j = 0; j < half; j++) {                                             \
+                        const int64_t a = (neox ? j : 2 * j) * B, b = (neox ? j + half : 2 * j + 1) * B; \
+                        const float cj = c[j], sj = s[j];                                            \
+                        for (int64_t i = 0; i < S; i++) {                                            \
+                            const T *src = base + sblk[i] + soff[i];                                 \
+                            T *out = base + dblk[i] + doff[i];                                       \
+                            const float x1 = LOAD(src[a]), x2 = LOAD(src[b]);                        \
+                            out[a] = STORE(x1 * cj - x2 * sj);                                       \
+                            out[b] = STORE(x2 * cj + x1 * sj);                                       \
+                        }                                                                            \
+                    }                                                                                \
+                }                                                                                    \
+                for (int64_t d = c ? rd : 0; d < D; d++)                                             \
+                    for (int64_t i = 0; i < S; i++)                                                  \
+                        base[dblk[i] + doff[i] + d * B] = base[sblk[i] + soff[i] + d * B];           \
+                for (int64_t i = 0; i < S; i++) /* values: row i of [B][D], after the keys */        \
+                    memcpy(base + dblk[i] + B * D + doff[i] * D, base + sblk[i] + B * D + soff[i] * D, sizeof(T) * D); \
+            }                                                                                        \
+        }                                                                                            \
+        free(buf);                                                                                    \
+    }
+
+#define ID(x) (x)
+STAGE(kvs_stage_sinks_f32, float, ID, ID)
+STAGE(kvs_stage_sinks_bf16, uint16_t, bf16_to_f32, f32_to_bf16)
