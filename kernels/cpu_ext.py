@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 _SOURCE = Path(__file__).with_name("csrc") / "stage_sinks.c"
 _FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-std=c11"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_STAGE_ARGS = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64]
+_STAGE_ARGS = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
 
 
 def _compiler() -> str | None:
@@ -89,9 +89,10 @@ def can_stage(kv_cache: torch.Tensor) -> bool:
 
 
 def stage_sinks(kv_cache: torch.Tensor, sink_blocks: torch.Tensor, dst: torch.Tensor, cos: torch.Tensor | None,
-                sin: torch.Tensor | None, *, rotary_dim: int, neox: bool) -> None:
+                sin: torch.Tensor | None, *, rotary_dim: int, neox: bool, value_mask: torch.Tensor | None = None) -> None:
     """Copy sinks into ``dst`` slots (see ``csrc/stage_sinks.c``); call only where :func:`can_stage`.
-    ``sink_blocks`` [E, sb] and ``dst`` [E * S] long; ``cos``/``sin`` [E, rotary_dim // 2] or ``None``."""
+    ``sink_blocks`` [E, sb] and ``dst`` [E * S] long; ``cos``/``sin`` [E, rotary_dim // 2] or ``None``;
+    ``value_mask`` [E * S] bool: the sinks whose values to write (``None``: all; keys always)."""
     _, H, B, two_d = kv_cache.shape
     E, sb = sink_blocks.shape
     S = dst.numel() // max(E, 1)
@@ -100,8 +101,10 @@ def stage_sinks(kv_cache: torch.Tensor, sink_blocks: torch.Tensor, dst: torch.Te
     if cos is not None:
         cos = cos.to(torch.float32).contiguous()
         sin = sin.to(torch.float32).contiguous()
+    if value_mask is not None:
+        value_mask = value_mask.to(torch.uint8).contiguous()
     fn = getattr(library(), _STAGE_FN[kv_cache.dtype])
     fn(kv_cache.data_ptr(), kv_cache.stride(0), kv_cache.stride(1), H, B, two_d // 2,
        sink_blocks.data_ptr(), sb, dst.data_ptr(), E, S,
        cos.data_ptr() if cos is not None else None, sin.data_ptr() if sin is not None else None,
-       rotary_dim if cos is not None else 0, int(neox))
+       rotary_dim if cos is not None else 0, int(neox), value_mask.data_ptr() if value_mask is not None else None)

@@ -17,7 +17,9 @@ slots, and hands the kernel the window's blocks as the request's block table:
                          seq_len = (c - 1) B + t + S, sliding window S + W masks F's u dead slots
     case B (otherwise, F private):   [F: masked | sinks k | window] [window] [L: window t | sinks]
                          seq_len = c B; the sinks fill L's free slots, the other k go just before
-                         F's window tokens, and the sliding window S + W masks what is left
+                         F's window tokens, and the sliding window S + W masks what is left;
+                         slot s of L or F holds sink B - 1 - s (+ u - t in F), the same sink
+                         every step, so value copies made once stay valid (see plan_in_place)
 
 Attention does not depend on the order of the keys, so every query attends exactly the
 ``S + W`` tokens of the policy. Only slots that no reader can need are written:
@@ -63,6 +65,11 @@ class InPlacePlan:
     sink_cos: torch.Tensor | None  # [E, rotary_dim // 2]: each evicting request's rotation by e(p)
     sink_sin: torch.Tensor | None
     block_size: int
+    #: [E * S] bool, or ``None`` (all): the sinks whose *values* must be written this step; the
+    #: others' value copies are already in place from the previous step (see :func:`plan_in_place`).
+    value_mask: torch.Tensor | None = None
+    #: ``(sink block, F, L) -> p`` of this step's evicting requests: the next step's ``previous``.
+    staged: dict | None = None
     #: Filled by the adapter: the kernel's scheduler metadata, shared by every layer.
     metadata: object = None
 
@@ -77,10 +84,20 @@ def plan_in_place(
     block_size: int,
     rope: Rope | None,
     private_blocks: bool,
+    previous: dict | None = None,
 ) -> InPlacePlan:
     """Plan decode requests (``rows`` [X], ``seq_lens`` [X] including the token decoded,
     ``tables`` [X, max_blocks] their block-table rows) of one sink + window pattern. Every
-    request either is served (``plan.rows``) or listed in ``plan.rest``."""
+    request either is served (``plan.rows``) or listed in ``plan.rest``.
+
+    Sink ``i`` goes to slot ``B - 1 - i`` of ``L`` while ``i < B - t``, the rest to ``F``'s dead
+    slots counting down from ``u - 1`` (case B; case A puts them right after the window, slot
+    ``t + i``, where the kernel's sequence ends): a slot keeps the same sink from one step to the next
+    (``t`` and ``u`` both move on by one), so its *value* copy stays valid, and only the keys
+    (rotated by an ``e`` that grows every step) must be rewritten. ``previous``: the last
+    step's ``plan.staged`` (its case B requests); a case B request found there at ``p - 1`` with the same sink, ``F`` and
+    ``L`` blocks (so none of them was freed in between: it held them) needs the value of one
+    sink only, the one for ``F``'s newly dead slot (``plan.value_mask``)."""
     S, W, B = int(sink_tokens), int(window_tokens), int(block_size)
     rows = rows.to(torch.long)
     seq = seq_lens.to(torch.long)
@@ -117,17 +134,29 @@ def plan_in_place(
         i = torch.arange(S)[None, :]
         t_e, u_e, k_e, F_e, L_e = t[ev, None], u[ev, None], k[ev, None], F[ev, None], L[ev, None]
         in_l = i < (B - t_e)
-        dst_logical = torch.where(in_l, L_e * B + t_e + i, F_e * B + u_e - k_e + (i - (B - t_e)))
+        mirrored = torch.where(in_l, L_e * B + B - 1 - i, F_e * B + u_e - 1 - (i - (B - t_e)))
+        b_e = case_b[ev, None]
+        dst_logical = torch.where(b_e, mirrored, L_e * B + t_e + i)  # case A: right after the window
         tab = table[ev]
         sink_blocks = tab[:, : -(-S // B)]
         sink_dst = (tab.gather(1, dst_logical // B) * B + dst_logical % B).reshape(-1)
         cos = sin = None
         if rope is not None:
             cos, sin = rope.cos_sin(e[ev])
+        ids = torch.stack((tab[:, 0], tab.gather(1, F_e).flatten(), tab.gather(1, L_e).flatten(), seq[ev] - 1), 1)
+        ids_b = [(a, f, l, p_, bool(b)) for (a, f, l, p_), b in zip(ids.tolist(), b_e.flatten().tolist())]
+        staged = {(a, f, l): p_ for a, f, l, p_, b in ids_b if b}
+        value_mask = None
+        if previous:
+            kept = torch.tensor([b and previous.get((a, f, l)) == p_ - 1 for a, f, l, p_, b in ids_b])
+            if kept.any():  # those need F's newly dead slot u - 1 only: sink B - t (if k >= 1)
+                fresh = (i == (B - t_e)) & (k_e >= 1)
+                value_mask = torch.where(kept[:, None], fresh, torch.ones_like(fresh)).reshape(-1)
     else:
         sink_blocks = torch.zeros(0, max(1, -(-S // B)), dtype=torch.long)
         sink_dst = torch.zeros(0, dtype=torch.long)
         cos = sin = None
+        staged, value_mask = {}, None
     return InPlacePlan(
         rows=rows[idx],
         rest=rest,
@@ -140,6 +169,8 @@ def plan_in_place(
         sink_cos=cos,
         sink_sin=sin,
         block_size=B,
+        value_mask=value_mask,
+        staged=staged,
     )
 
 
@@ -170,8 +201,8 @@ def stage_sinks_(kv_cache: torch.Tensor, plan: InPlacePlan, rope: Rope | None, w
                  compiled: bool = True) -> None:
     """Write the plan's sink copies (:func:`sink_copies`) into their slots of one layer's cache
     (vLLM's CPU layout). With ``compiled`` and a cache the compiled helper serves
-    (``cpu_ext.can_stage``: float32 or bfloat16), one pass in C (``csrc/stage_sinks.c``);
-    otherwise torch: ``write(keys, values, slots)`` is the cache writer (the adapter passes
+    (``cpu_ext.can_stage``: float32 or bfloat16), one pass in C (``csrc/stage_sinks.c``) that
+    skips the value copies still in place (``plan.value_mask``); otherwise torch, every copy: ``write(keys, values, slots)`` is the cache writer (the adapter passes
     vLLM's), default torch indexing through :func:`split_cpu_kv_cache`. Every source is read
     before any destination is written (sources and destinations are distinct blocks)."""
     if plan.sink_dst.numel() == 0:
@@ -180,7 +211,7 @@ def stage_sinks_(kv_cache: torch.Tensor, plan: InPlacePlan, rope: Rope | None, w
         rotate = plan.sink_cos is not None and rope is not None
         cpu_ext.stage_sinks(kv_cache, plan.sink_blocks, plan.sink_dst, plan.sink_cos if rotate else None,
                             plan.sink_sin if rotate else None, rotary_dim=rope.rotary_dim if rotate else 0,
-                            neox=bool(rope.is_neox_style) if rotate else True)
+                            neox=bool(rope.is_neox_style) if rotate else True, value_mask=plan.value_mask)
         return
     k, v = sink_copies(kv_cache, plan, rope)
     if write is not None:

@@ -1,7 +1,8 @@
 /* The in-place decode's sink copies in one pass (kernels/sink_in_place.py, stage_sinks_):
  * read each evicting request's sink tokens from its sink blocks, rotate their keys by the
  * request's evicted count (cos/sin given), and write keys and values into their destination
- * slots. vLLM's CPU cache layout, per block and kv head: keys [D][B] (transposed), then values
+ * slots (values only where value_mask is NULL or set: the plan knows which value copies
+ * are still in place from the previous step). vLLM's CPU cache layout, per block and kv head: keys [D][B] (transposed), then values
  * [B][D]. Built by kernels/cpu_ext.py (cc -O3 -shared), called through ctypes; the torch
  * path in sink_in_place.py is the reference it is tested against. Sources and destinations
  * are distinct blocks (the plan guarantees it), so request by request is safe. */
@@ -30,7 +31,8 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 #define STAGE(NAME, T, LOAD, STORE)                                                                  \
     void NAME(T *cache, int64_t block_stride, int64_t head_stride, int64_t H, int64_t B, int64_t D,     \
               const int64_t *sink_blocks, int64_t sb, const int64_t *dst, int64_t E, int64_t S,          \
-              const float *cosv, const float *sinv, int64_t rd, int64_t neox) {                          \
+              const float *cosv, const float *sinv, int64_t rd, int64_t neox,                       \
+              const uint8_t *value_mask) {                          \
         const int64_t half = rd / 2;                                                                 \
         int64_t *buf = (int64_t *)malloc(sizeof(int64_t) * 4 * (S > 0 ? S : 1));                     \
         if (!buf) return;                                                                            \
@@ -64,7 +66,8 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
                     for (int64_t i = 0; i < S; i++)                                                  \
                         base[dblk[i] + doff[i] + d * B] = base[sblk[i] + soff[i] + d * B];           \
                 for (int64_t i = 0; i < S; i++) /* values: row i of [B][D], after the keys */        \
-                    memcpy(base + dblk[i] + B * D + doff[i] * D, base + sblk[i] + B * D + soff[i] * D, sizeof(T) * D); \
+                    if (!value_mask || value_mask[r * S + i])                                        \
+                        memcpy(base + dblk[i] + B * D + doff[i] * D, base + sblk[i] + B * D + soff[i] * D, sizeof(T) * D); \
             }                                                                                        \
         }                                                                                            \
         free(buf);                                                                                    \

@@ -153,3 +153,60 @@ def test_staging_without_the_compiled_helper_falls_back_to_torch(monkeypatch):
     finally:
         monkeypatch.delenv("VLLM_KVSTREAM_CPU_EXT")
         cpu_ext.library.cache_clear()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize(("S", "W", "B"), [(8, 24, 8), (6, 24, 5), (3, 13, 8)])  # S = B; sinks over 2 blocks; case A and B
+def test_step_after_step_value_copies_stay_valid(compiled, S, W, B):
+    """A few requests decoding step after step in one cache, as vLLM runs them: each step writes
+    its token, frees the blocks the window left (NaN: another request's data), plans with the
+    last step's ``staged`` and stages (compiled: only the value copies not already in place).
+    Every served step equals the gathering decode over the same cache, across block boundaries
+    and case A/B changes; the reuse happens (values skipped)."""
+    gen = torch.Generator().manual_seed(S * 100 + W)
+    H, G, D, n_req, steps = 2, 3, 16, 3, 3 * B + 5
+    policy = build_policy("streaming-sink", {"sink_tokens": S, "window_tokens": W})
+    assert (policy.pattern.sink_tokens, policy.pattern.window_tokens) == (S, W)
+    rope = Rope.from_base(D, 10000.0, 4096)
+    nb = n_req * 40 + 1
+    kv = torch.randn(nb, H, B, 2 * D, generator=gen)  # stale data in unwritten slots
+    kv[0] = 0  # vLLM's null block (the gathering plan pads with it)
+    keys, values = split_cpu_kv_cache(kv)
+    tables = (torch.randperm(nb - 1, generator=gen) + 1).view(n_req, 40)
+    p = torch.tensor([S + W + 3, S + W + B + 1, S + W + 2 * B - 2])  # evicting from the start
+
+    def write(r, pos):
+        blk, off = int(tables[r, pos // B]), pos % B
+        keys[blk, :, off] = torch.randn(H, D, generator=gen)
+        values[blk, :, off] = torch.randn(H, D, generator=gen)
+
+    for r in range(n_req):
+        for pos in list(range(S)) + list(range(int(p[r]) - W, int(p[r]))):
+            write(r, pos)
+    previous, skipped, served_steps = None, 0, 0
+    kw = dict(sink_tokens=S, window_tokens=W, block_size=B, rope=rope)
+    for _ in range(steps):
+        for r in range(n_req):
+            write(r, int(p[r]))
+            first, last = policy.freeable_block_range(int(p[r]), B)
+            for blk in range(first, last):  # left by the window: freed, reused
+                keys[int(tables[r, blk])] = float("nan")
+                values[int(tables[r, blk])] = float("nan")
+        seq = p + 1
+        rows = torch.arange(n_req)
+        plan = plan_in_place(rows, seq, tables, private_blocks=True, previous=previous, **kw)
+        if plan.value_mask is not None:
+            skipped += int((~plan.value_mask).sum())
+        stage_sinks_(kv, plan, rope, compiled=compiled)
+        query = torch.randn(n_req, H * G, D, generator=gen)
+        out = torch.full_like(query, 7.0)
+        in_place_decode_ref(query, kv, plan, scale=0.3, out=out)
+        expected = torch.full_like(query, 7.0)
+        sink_window_decode(query, kv, plan_decode(rows, seq, tables, **kw), scale=0.3, rope=rope, out=expected)
+        served = plan.rows
+        torch.testing.assert_close(out[served], expected[served], atol=1e-5, rtol=1e-5)
+        served_steps += len(served)
+        previous = plan.staged
+        p = p + 1
+    assert served_steps > n_req * steps // 3
+    assert skipped > 0  # the plan reuses value copies (the torch path writes them all anyway)

@@ -200,6 +200,7 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         if flag not in ("0", "1"):
             raise ValueError(f"vllm-kvstream: {IN_PLACE_ENV}={flag!r}; allowed: '1' (default) or '0'")
         self.in_place_on = flag == "1"
+        self._staged: dict = {}  # per pattern: the last step's staged case-B requests (plan_in_place)
         if self.in_place_on:
             cpu_ext.library()  # build the sink-staging helper now, not in a decode step (None: torch)
         if self.stock.isa not in LAYOUT_ISAS:  # pin the layout the readers know (module docstring)
@@ -267,8 +268,9 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         plan = plan_in_place(
             rows, seq_lens, tables, sink_tokens=pattern.sink_tokens, window_tokens=pattern.window_tokens,
             block_size=self.block_size, rope=self.rope if pattern.sink_tokens else None,
-            private_blocks=self.private_blocks,
+            private_blocks=self.private_blocks, previous=self._staged.get(pattern),
         )
+        self._staged[pattern] = plan.staged  # which value copies stay in place for the next step
         if len(plan.rows) == 0:
             return plan
         stock = self.stock
