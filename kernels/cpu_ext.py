@@ -1,10 +1,16 @@
 """Compiled CPU helpers, built on first use with the system C compiler and called through
 ctypes (no torch headers, so a build takes about a second).
 
-Only the in-place decode's sink staging lives here (``csrc/stage_sinks.c``): a handful of
-torch ops per layer and step (gather, rotate, transpose, vLLM's cache writer) become one
-pass over the sinks. The torch path in ``sink_in_place.py`` stays the reference and the
-fallback: :func:`library` returns ``None`` where there is no compiler, the build fails, or
+Two ops live here, each beside the torch path that stays its reference and fallback:
+
+* ``csrc/stage_sinks.c``: the in-place decode's sink staging (``sink_in_place.py``): a
+  handful of torch ops per layer and step (gather, rotate, transpose, vLLM's cache writer)
+  become one pass over the sinks.
+* ``csrc/quant_decode.c``: one query per request over quantized pages (``kv_quant.py``,
+  ``quant_sink_window_decode_cpu``), dequantize, rotate, score and accumulate fused, instead
+  of dequantizing whole pages into float tensors first.
+
+:func:`library` returns ``None`` where there is no compiler, the build fails, or
 ``VLLM_KVSTREAM_CPU_EXT=0``; callers then use torch.
 
 The shared object goes to ``$VLLM_KVSTREAM_CACHE_DIR`` (default ``~/.cache/vllm-kvstream``)
@@ -28,9 +34,10 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "stage_sinks.c"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("stage_sinks.c", "quant_decode.c")]
 _FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-std=c11"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_QUANT_ARGS = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, ctypes.c_float, _PTR]
 _STAGE_ARGS = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
 
 
@@ -48,9 +55,9 @@ def library() -> ctypes.CDLL | None:
         return None
     cc = _compiler()
     if cc is None:
-        logger.warning("vllm-kvstream: no C compiler found (tried $CC, cc, gcc, clang); the in-place decode stages sinks with torch")
+        logger.warning("vllm-kvstream: no C compiler found (tried $CC, cc, gcc, clang); torch serves the CPU helpers' ops")
         return None
-    src = _SOURCE.read_bytes()
+    src = b"".join(path.read_bytes() for path in _SOURCES)
     tag = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
     out_dir = Path(os.environ.get("VLLM_KVSTREAM_CACHE_DIR", Path.home() / ".cache" / "vllm-kvstream"))
     so = out_dir / f"kvstream_cpu_{tag}.so"
@@ -59,16 +66,18 @@ def library() -> ctypes.CDLL | None:
             out_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
             os.close(fd)
-            subprocess.run([cc, *_FLAGS, str(_SOURCE), "-o", tmp], check=True, capture_output=True, text=True, timeout=120)
+            subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
+                           text=True, timeout=120)
             os.replace(tmp, so)
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
-            logger.warning("vllm-kvstream: building %s with %s failed (%s); the in-place decode stages sinks with torch", _SOURCE.name, cc, detail)
+            logger.warning("vllm-kvstream: building the CPU helpers (kernels/csrc) with %s failed (%s); torch serves", cc, detail)
             return None
     lib = ctypes.CDLL(str(so))
     for name in ("kvs_stage_sinks_f32", "kvs_stage_sinks_bf16"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = _STAGE_ARGS, None
+    lib.kvs_quant_decode.argtypes, lib.kvs_quant_decode.restype = _QUANT_ARGS, None
     return lib
 
 
@@ -108,3 +117,52 @@ def stage_sinks(kv_cache: torch.Tensor, sink_blocks: torch.Tensor, dst: torch.Te
        sink_blocks.data_ptr(), sb, dst.data_ptr(), E, S,
        cos.data_ptr() if cos is not None else None, sin.data_ptr() if sin is not None else None,
        rotary_dim if cos is not None else 0, int(neox), value_mask.data_ptr() if value_mask is not None else None)
+
+
+def can_quant_decode(cache: torch.Tensor, layout) -> bool:
+    """Whether :func:`quant_decode` serves these pages: CPU uint8 ``[blocks, heads, head_bytes]``
+    with unit stride in bytes, 8- or 4-bit codes with per-channel key scales, and the library."""
+    return (
+        cache.device.type == "cpu"
+        and cache.dtype == torch.uint8
+        and cache.dim() == 3
+        and cache.stride(2) == 1
+        and layout.bits in (4, 8)
+        and layout.key_scale == "channel"
+        and library() is not None
+    )
+
+
+def _layout_words(layout, neox: bool) -> torch.Tensor:
+    L = layout
+    return torch.tensor([
+        L.bits, L.head_size, L.block_size, L.sink_tokens, L.n_out, int(L.key_zero_point),
+        int(L.value_levels == "nf4"), int(neox), L.code_bytes, L.k_scale_off, L.k_zero_off, L.v_scale_off,
+        L.sink_scale_off, L.k_codes_off, L.v_codes_off, L.sink_k_off, L.out_idx_off, L.out_k_off,
+    ], dtype=torch.int64)
+
+
+def quant_decode(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, attended: torch.Tensor,
+                 cos: torch.Tensor | None, sin: torch.Tensor | None, layout, *, scale: float, neox: bool,
+                 rotary_dim: int) -> torch.Tensor:
+    """``query`` [R, heads, D] float32 (one row per request); ``blocks`` [R, nb] pages to read,
+    ``attended`` [R, nb, bs] the slots attended; ``cos``/``sin`` [R, nb, bs, rotary_dim // 2]
+    the rotation of each slot's key (``None``: none). Returns [R, heads, D] float32. Call
+    only where :func:`can_quant_decode`."""
+    R, Hq, D = query.shape
+    Hkv = cache.shape[1]
+    nb = blocks.shape[1]
+    query = query.to(torch.float32).contiguous()
+    blocks = blocks.to(torch.int64).contiguous()
+    attended = attended.to(torch.uint8).contiguous()
+    words = _layout_words(layout, neox)
+    if cos is not None:
+        cos = cos.to(torch.float32).contiguous()
+        sin = sin.to(torch.float32).contiguous()
+    out = torch.empty(R, Hq, D, dtype=torch.float32)
+    library().kvs_quant_decode(
+        cache.data_ptr(), cache.stride(0), cache.stride(1), words.data_ptr(), query.data_ptr(), R, Hq, Hkv,
+        blocks.data_ptr(), nb, attended.data_ptr(), cos.data_ptr() if cos is not None else None,
+        sin.data_ptr() if sin is not None else None, rotary_dim if cos is not None else 0, float(scale),
+        out.data_ptr())
+    return out

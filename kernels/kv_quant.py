@@ -61,6 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_kvstream.kernels import cpu_ext
 from vllm_kvstream.kernels.rope import Rope
 from vllm_kvstream.kernels.sink_decode import DecodePlan, _rotate_keys_
 
@@ -767,9 +768,11 @@ def quant_sink_window_decode_cpu(
     scale: float,
     rope: Rope | None,
     out: torch.Tensor,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """A step's one-token requests over quantized pages in one batch of torch ops (the CPU
-    decode path; the oracle is :func:`~vllm_kvstream.kernels.sink_attention.sink_window_attention_ref`
+    decode path; with ``compiled`` and the C helper built, ``cpu_ext.quant_decode`` does the
+    same per slot, fused, without materializing the pages in float; the oracle is :func:`~vllm_kvstream.kernels.sink_attention.sink_window_attention_ref`
     with keys before RoPE, which this meets up to float rounding).
 
     ``plan``: :func:`~vllm_kvstream.kernels.sink_decode.plan_decode` over the step's physical
@@ -785,6 +788,18 @@ def quant_sink_window_decode_cpu(
     included) weighs nothing. Writes rows ``plan.rows`` of ``out``."""
     batch, nb = plan.blocks.shape
     neox = rope.is_neox_style if rope is not None else True
+    if compiled and cpu_ext.can_quant_decode(cache, layout):
+        cos = sin = None
+        if rope is not None:
+            cs = plan.workspace.get("key_cos_sin_rows")
+            if cs is None:  # once per step, shared by every layer
+                cs = plan.workspace["key_cos_sin_rows"] = rope.cos_sin(plan.key_positions.reshape(-1))
+            cos, sin = cs
+        q = query.index_select(0, plan.rows)
+        o = cpu_ext.quant_decode(q, cache, plan.blocks, plan.attended, cos, sin, layout, scale=scale, neox=neox,
+                                 rotary_dim=rope.rotary_dim if rope is not None else 0)
+        out.index_copy_(0, plan.rows, o.to(out.dtype))
+        return out
     k, v = quant_read_cpu(cache, plan.blocks.reshape(-1), layout, is_neox_style=neox)  # [B*nb, H, bs, D]
     kv_heads, bs, head_size = k.shape[1:]
     k = k.view(batch, nb, kv_heads, bs, head_size)

@@ -295,14 +295,17 @@ def test_reference_attention_close_to_unquantized():
 @pytest.mark.parametrize(("bits", "layout"), [(8, {}), (4, {}), (4, {"key_zero_point": True, "value_levels": "nf4"})])
 @pytest.mark.parametrize(("D", "H", "G", "bs", "neox"), [(32, 2, 3, 8, True), (16, 1, 2, 5, False)])
 @pytest.mark.parametrize(("sinks", "window"), [(3, 13), (3, 4), (8, 9), (3, None)])
-def test_cpu_batched_decode_matches_the_step_reference(bits, layout, D, H, G, bs, neox, sinks, window):
+@pytest.mark.parametrize("compiled", [True, False], ids=["C", "torch"])
+def test_cpu_batched_decode_matches_the_step_reference(bits, layout, D, H, G, bs, neox, sinks, window, compiled):
     """The CPU decode path over quantized pages (one plan per step, keys rotated at the plan's
     positions) against the torch step reference (keys before RoPE at cache positions), for
     four decodes of different lengths in one batch: evicting, not yet evicting, a window that
     starts in the sink block after evicted tokens (3+4 at length 9). Every evicted logical
     block's id is past the cache (a read raises), every unwritten page is NaN bytes, and the
-    slots past a stream's end in its last page are garbage."""
+    slots past a stream's end in its last page are garbage. Both CPU forms: the fused C helper
+    (``csrc/quant_decode.c``) and the torch ops."""
     from vllm_kvstream.adapter.quant_attention import plan_quant_step
+    from vllm_kvstream.kernels import cpu_ext
     from vllm_kvstream.kernels.kv_quant import quant_sink_window_decode_cpu
     from vllm_kvstream.kernels.kv_quant_triton import quant_sink_window_attention
     from vllm_kvstream.kernels.sink_decode import plan_decode
@@ -325,8 +328,10 @@ def test_cpu_batched_decode_matches_the_step_reference(bits, layout, D, H, G, bs
     scale = 1 / math.sqrt(D)
     plan = plan_decode(qsl[:-1], lens, table, sink_tokens=sinks, window_tokens=window, block_size=bs, rope=None,
                        pad_block=None)
+    if compiled and not cpu_ext.can_quant_decode(cache, L):
+        pytest.skip("no C compiler: the torch form serves")
     got = torch.zeros(len(lens), H * G, D)
-    quant_sink_window_decode_cpu(q_abs, cache, plan, L, scale=scale, rope=rope, out=got)
+    quant_sink_window_decode_cpu(q_abs, cache, plan, L, scale=scale, rope=rope, out=got, compiled=compiled)
     _, requests, needed, idx = plan_quant_step(qsl, lens, table, pattern, bs)
     expected = torch.zeros_like(got)
     quant_sink_window_attention(rope.rotate(q_abs, -positions), cache, needed, idx, requests, L, sink_tokens=sinks,
@@ -335,7 +340,7 @@ def test_cpu_batched_decode_matches_the_step_reference(bits, layout, D, H, G, bs
     torch.testing.assert_close(got, expected, atol=3e-5, rtol=3e-5)
     # The same plan serves every layer: a second layer's call reuses the step's rotation.
     again = torch.zeros_like(got)
-    quant_sink_window_decode_cpu(q_abs, cache, plan, L, scale=scale, rope=rope, out=again)
+    quant_sink_window_decode_cpu(q_abs, cache, plan, L, scale=scale, rope=rope, out=again, compiled=compiled)
     torch.testing.assert_close(again, got, atol=0, rtol=0)
 
 
