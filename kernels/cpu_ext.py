@@ -24,6 +24,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -35,7 +36,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("stage_sinks.c", "quant_decode.c")]
-_FLAGS = ["-O3", "-shared", "-fPIC", "-ffp-contract=off", "-std=c11"]
+# -march=native: built on the machine that runs it (the name below hashes the CPU's model and
+# flags too, so a cache directory shared by other CPUs builds its own). -ffp-contract=off: no
+# fused multiply-adds, so the staging writes what torch's separate ops write, bit for bit.
+_FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-ffp-contract=off", "-std=c11"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _QUANT_ARGS = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, ctypes.c_float, _PTR]
 _STAGE_ARGS = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
@@ -48,6 +52,16 @@ def _compiler() -> str | None:
     return None
 
 
+def _cpu_identity() -> str:
+    """The CPU's model name and feature flags (what ``-march=native`` compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features", "CPU part"))]
+    return platform.machine() + "\n".join(sorted(set(keep)))
+
+
 @lru_cache(maxsize=1)
 def library() -> ctypes.CDLL | None:
     """The compiled helpers, built once per source version; ``None`` where unavailable."""
@@ -58,7 +72,7 @@ def library() -> ctypes.CDLL | None:
         logger.warning("vllm-kvstream: no C compiler found (tried $CC, cc, gcc, clang); torch serves the CPU helpers' ops")
         return None
     src = b"".join(path.read_bytes() for path in _SOURCES)
-    tag = hashlib.sha256(src + " ".join([cc, *_FLAGS]).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join([cc, *_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
     out_dir = Path(os.environ.get("VLLM_KVSTREAM_CACHE_DIR", Path.home() / ".cache" / "vllm-kvstream"))
     so = out_dir / f"kvstream_cpu_{tag}.so"
     if not so.exists():
@@ -146,9 +160,9 @@ def quant_decode(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
                  cos: torch.Tensor | None, sin: torch.Tensor | None, layout, *, scale: float, neox: bool,
                  rotary_dim: int) -> torch.Tensor:
     """``query`` [R, heads, D] float32 (one row per request); ``blocks`` [R, nb] pages to read,
-    ``attended`` [R, nb, bs] the slots attended; ``cos``/``sin`` [R, nb, bs, rotary_dim // 2]
-    the rotation of each slot's key (``None``: none). Returns [R, heads, D] float32. Call
-    only where :func:`can_quant_decode`."""
+    ``attended`` [R, nb, bs] the slots attended; ``cos``/``sin`` [R, nb, rotary_dim // 2, bs]
+    the rotation of each slot's key, slots last (``None``: none). Returns [R, heads, D]
+    float32. Call only where :func:`can_quant_decode`."""
     R, Hq, D = query.shape
     Hkv = cache.shape[1]
     nb = blocks.shape[1]

@@ -791,9 +791,11 @@ def quant_sink_window_decode_cpu(
     if compiled and cpu_ext.can_quant_decode(cache, layout):
         cos = sin = None
         if rope is not None:
-            cs = plan.workspace.get("key_cos_sin_rows")
-            if cs is None:  # once per step, shared by every layer
-                cs = plan.workspace["key_cos_sin_rows"] = rope.cos_sin(plan.key_positions.reshape(-1))
+            cs = plan.workspace.get("key_cos_sin_t")
+            if cs is None:  # once per step, shared by every layer: [batch, nb, rd / 2, bs]
+                cos, sin = rope.cos_sin(plan.key_positions.reshape(-1))
+                shape = (batch, nb, plan.key_positions.shape[-1], rope.rotary_dim // 2)
+                cs = plan.workspace["key_cos_sin_t"] = tuple(x.view(shape).transpose(-1, -2).contiguous() for x in (cos, sin))
             cos, sin = cs
         q = query.index_select(0, plan.rows)
         o = cpu_ext.quant_decode(q, cache, plan.blocks, plan.attended, cos, sin, layout, scale=scale, neox=neox,

@@ -4,6 +4,12 @@
  * values with an online softmax. The CPU decode path's compiled form of
  * quant_sink_window_decode_cpu (torch: dequantize whole pages, then batched matmuls), tested
  * against it; built by kernels/cpu_ext.py, called through ctypes. */
+/* Fused multiply-adds allowed here (the build's -ffp-contract=off is for stage_sinks.c). */
+#if defined(__clang__)
+#pragma clang fp contract(fast)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=fast")
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -31,6 +37,27 @@ static float half_to_float(uint16_t h) { /* IEEE fp16 -> fp32, subnormals includ
     return f;
 }
 
+/* exp(x) for x <= 0 (scores minus their running max): 2^(x log2 e) split into an integer
+ * power (exponent bits) and 2^f on [-0.5, 0.5] by a degree-6 polynomial, relative error
+ * below 2e-7 (expf's own is 1 ulp); inline, so the loops over slots vectorize. */
+static inline float exp_nonpos(float x) {
+    if (x < -87.0f) return 0.0f;
+    const float y = x * 1.4426950408889634f;
+    const float n = __builtin_floorf(y + 0.5f);
+    const float f = y - n;
+    float p = 1.5403530393381606e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    const int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return p * scale;
+}
+
 typedef struct {
     int64_t bits, D, bs, S, n_out, zero_point, nf4, neox, code_bytes;
     int64_t k_scale_off, k_zero_off, v_scale_off, sink_scale_off, k_codes_off, v_codes_off, sink_k_off,
@@ -44,31 +71,30 @@ static const float NF4[16] = {
     0.7229568362236023f, 1.0f,
 };
 
-/* Codes of one token, one per channel in channel order (see pair_order / unpack_codes). */
-static void unpack(const uint8_t *src, const layout_t *L, int32_t *codes) {
-    const int64_t half = L->D / 2;
-    for (int64_t i = 0; i < half; i++) {
-        int32_t a, b;
-        if (L->bits == 4) { a = src[i] & 0xf; b = src[i] >> 4; }
-        else { a = src[i]; b = src[half + i]; }
-        if (L->neox) { codes[i] = a; codes[half + i] = b; }
-        else { codes[2 * i] = a; codes[2 * i + 1] = b; }
-    }
-}
-
+/* Per (request, kv head, page): the attended slots' keys dequantized into a transposed tile
+ * kt[D][bs] (channel rows: every loop below runs over slots, contiguous), rotated at the plan's
+ * positions (cos/sin given per slot as [rd/2][bs] rows), scored for the head's group of
+ * queries, merged into the running softmax of the request (max, sum, accumulator), then the
+ * values dequantized row by row and accumulated. */
 void kvs_quant_decode(const uint8_t *cache, int64_t block_stride, int64_t head_stride, const int64_t *lay,
                       const float *query, int64_t R, int64_t Hq, int64_t Hkv, const int64_t *blocks, int64_t nb,
                       const uint8_t *attended, const float *cosv, const float *sinv, int64_t rd, float scale,
                       float *out) {
     layout_t L;
     memcpy(&L, lay, sizeof(L));
-    const int64_t D = L.D, bs = L.bs, G = Hq / Hkv, half_rd = rd / 2;
+    const int64_t D = L.D, bs = L.bs, G = Hq / Hkv, half = D / 2, half_rd = rd / 2;
     const int32_t qmax = (1 << (L.bits - 1)) - 1, top = (1 << L.bits) - 1;
-    float *buf = (float *)malloc(sizeof(float) * (6 * D + G * D + 2 * G));
-    int32_t *codes = (int32_t *)malloc(sizeof(int32_t) * D);
-    if (!buf || !codes) { free(buf); free(codes); return; }
-    float *lo = buf, *step = buf + D, *k = buf + 2 * D, *v = buf + 3 * D, *out_abs = buf + 4 * D, *kr = buf + 5 * D;
-    float *acc = buf + 6 * D, *m = acc + G * D, *l = m + G;
+    float *buf = (float *)malloc(sizeof(float) * (5 * D + G * D + 2 * G + D * bs + G * bs + D));
+    if (!buf) return;
+    float *lo = buf, *step = buf + D, *out_abs = buf + 2 * D, *vrow = buf + 3 * D, *tmp = buf + 4 * D;
+    float *acc = buf + 5 * D, *m = acc + G * D, *l = m + G, *kt = l + G, *sc = kt + D * bs;
+    int64_t *chan = (int64_t *)malloc(sizeof(int64_t) * D); /* byte i's two channels: chan[i], chan[half + i] */
+    if (!chan) { free(buf); return; }
+    for (int64_t i = 0; i < half; i++) {
+        chan[i] = L.neox ? i : 2 * i;
+        chan[half + i] = L.neox ? half + i : 2 * i + 1;
+    }
+    (void)tmp;
     for (int64_t r = 0; r < R; r++) {
         for (int64_t h = 0; h < Hkv; h++) {
             for (int64_t g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.0f; }
@@ -76,9 +102,9 @@ void kvs_quant_decode(const uint8_t *cache, int64_t block_stride, int64_t head_s
             const float *q = query + (r * Hq + h * G) * D;
             for (int64_t j = 0; j < nb; j++) {
                 const uint8_t *att = attended + (r * nb + j) * bs;
-                int64_t any = 0;
-                for (int64_t t = 0; t < bs; t++) any |= att[t];
-                if (!any) continue; /* padding or nothing kept: the block id is not dereferenced */
+                int64_t n = 0;
+                while (n < bs && !att[n]) n++;
+                if (n == bs) continue; /* padding or nothing kept: the block id is not dereferenced */
                 const uint8_t *page = cache + blocks[r * nb + j] * block_stride + h * head_stride;
                 const uint16_t *ks = (const uint16_t *)(page + L.k_scale_off);
                 const uint16_t *kz = (const uint16_t *)(page + L.k_zero_off);
@@ -89,58 +115,107 @@ void kvs_quant_decode(const uint8_t *cache, int64_t block_stride, int64_t head_s
                     step[c] = L.zero_point ? (hi - lo_c) / (float)top : hi / (float)qmax;
                     out_abs[c] = hi > -lo_c ? hi : -lo_c;
                 }
-                const uint16_t *vs = (const uint16_t *)(page + L.v_scale_off);
+                /* main codes: byte i of a slot holds channels chan[i] and chan[half + i] */
+                const uint8_t *kc = page + L.k_codes_off;
+                const float off = L.zero_point ? 0.0f : (float)(qmax + 1);
+                for (int64_t i = 0; i < half; i++) {
+                    const int64_t ca = chan[i], cb = chan[half + i];
+                    float *ra = kt + ca * bs, *rb = kt + cb * bs;
+                    const float la = L.zero_point ? lo[ca] : 0.0f, lb = L.zero_point ? lo[cb] : 0.0f;
+                    const float sa = step[ca], sb = step[cb];
+                    if (L.bits == 4) {
+                        for (int64_t t = 0; t < bs; t++) {
+                            const int32_t byte = kc[t * L.code_bytes + i];
+                            ra[t] = la + ((float)(byte & 0xf) - off) * sa;
+                            rb[t] = lb + ((float)(byte >> 4) - off) * sb;
+                        }
+                    } else {
+                        for (int64_t t = 0; t < bs; t++) {
+                            ra[t] = la + ((float)kc[t * L.code_bytes + i] - off) * sa;
+                            rb[t] = lb + ((float)kc[t * L.code_bytes + half + i] - off) * sb;
+                        }
+                    }
+                }
+                for (int64_t o = 0; o < L.n_out; o++) { /* outlier channels: 8-bit codes */
+                    const int64_t c = page[L.out_idx_off + o];
+                    const float f = out_abs[c] / 127.0f;
+                    const uint8_t *oc = page + L.out_k_off + o;
+                    for (int64_t t = 0; t < bs; t++) kt[c * bs + t] = (float)((int32_t)oc[t * L.n_out] - 128) * f;
+                }
                 const uint16_t *ss = (const uint16_t *)(page + L.sink_scale_off);
-                const uint8_t *oidx = page + L.out_idx_off;
+                for (int64_t t = 0; t < L.S; t++) { /* sink slots: 8-bit keys with their own scale */
+                    const float s_abs = half_to_float(ss[t]);
+                    if (s_abs > 0.0f) {
+                        const uint8_t *sk = page + L.sink_k_off + t * D;
+                        for (int64_t c = 0; c < D; c++) kt[c * bs + t] = (float)((int32_t)sk[c] - 128) * (s_abs / 127.0f);
+                    }
+                }
+                if (cosv) { /* rotate at the plan's positions: NeoX pairs (i, i + rd/2), GPT-J (2i, 2i+1) */
+                    const float *cs = cosv + (r * nb + j) * half_rd * bs, *sn = sinv + (r * nb + j) * half_rd * bs;
+                    for (int64_t i = 0; i < half_rd; i++) {
+                        float *ra = kt + (L.neox ? i : 2 * i) * bs, *rb = kt + (L.neox ? i + half_rd : 2 * i + 1) * bs;
+                        const float *ci = cs + i * bs, *si = sn + i * bs;
+                        for (int64_t t = 0; t < bs; t++) {
+                            const float a = ra[t], b = rb[t];
+                            ra[t] = a * ci[t] - b * si[t];
+                            rb[t] = b * ci[t] + a * si[t];
+                        }
+                    }
+                }
+                for (int64_t g = 0; g < G; g++) { /* scores, then the running softmax */
+                    float *sg = sc + g * bs;
+                    const float *qg = q + g * D;
+                    for (int64_t t = 0; t < bs; t++) sg[t] = 0.0f;
+                    for (int64_t c = 0; c < D; c++) {
+                        const float qc = qg[c] * scale;
+                        const float *row = kt + c * bs;
+                        for (int64_t t = 0; t < bs; t++) sg[t] += qc * row[t];
+                    }
+                    float mx = m[g];
+                    for (int64_t t = 0; t < bs; t++) if (att[t] && sg[t] > mx) mx = sg[t];
+                    if (mx > m[g]) {
+                        const float f = exp_nonpos(m[g] - mx);
+                        l[g] *= f;
+                        for (int64_t c = 0; c < D; c++) acc[g * D + c] *= f;
+                        m[g] = mx;
+                    }
+                    float sum = 0.0f;
+                    for (int64_t t = 0; t < bs; t++) {
+                        const float e = exp_nonpos(att[t] ? sg[t] - mx : -INFINITY);
+                        sg[t] = e;
+                        sum += e;
+                    }
+                    l[g] += sum;
+                }
+                const uint16_t *vs = (const uint16_t *)(page + L.v_scale_off);
+                const uint8_t *vc = page + L.v_codes_off;
                 for (int64_t t = 0; t < bs; t++) {
                     if (!att[t]) continue;
-                    unpack(page + L.k_codes_off + t * L.code_bytes, &L, codes);
-                    if (L.zero_point)
-                        for (int64_t c = 0; c < D; c++) k[c] = lo[c] + (float)codes[c] * step[c];
-                    else
-                        for (int64_t c = 0; c < D; c++) k[c] = (float)(codes[c] - (qmax + 1)) * step[c];
-                    for (int64_t o = 0; o < L.n_out; o++) {
-                        const int64_t c = oidx[o];
-                        k[c] = (float)((int32_t)page[L.out_k_off + t * L.n_out + o] - 128) * (out_abs[c] / 127.0f);
-                    }
-                    if (t < L.S) {
-                        const float s_abs = half_to_float(ss[t]);
-                        if (s_abs > 0.0f) {
-                            const uint8_t *sk = page + L.sink_k_off + t * D;
-                            for (int64_t c = 0; c < D; c++) k[c] = (float)((int32_t)sk[c] - 128) * (s_abs / 127.0f);
-                        }
-                    }
-                    memcpy(kr, k, sizeof(float) * D);
-                    if (cosv) { /* rotate at the plan's position: NeoX pairs (i, i + rd/2), GPT-J (2i, 2i+1) */
-                        const float *cs = cosv + ((r * nb + j) * bs + t) * half_rd;
-                        const float *sn = sinv + ((r * nb + j) * bs + t) * half_rd;
-                        for (int64_t i = 0; i < half_rd; i++) {
-                            const int64_t a = L.neox ? i : 2 * i, b = L.neox ? i + half_rd : 2 * i + 1;
-                            kr[a] = k[a] * cs[i] - k[b] * sn[i];
-                            kr[b] = k[b] * cs[i] + k[a] * sn[i];
-                        }
-                    }
-                    unpack(page + L.v_codes_off + t * L.code_bytes, &L, codes);
                     const float v_abs = half_to_float(vs[t]);
-                    if (L.nf4)
-                        for (int64_t c = 0; c < D; c++) v[c] = NF4[codes[c]] * v_abs;
-                    else
-                        for (int64_t c = 0; c < D; c++) v[c] = (float)(codes[c] - (qmax + 1)) * (v_abs / (float)qmax);
-                    for (int64_t g = 0; g < G; g++) {
-                        const float *qg = q + g * D;
-                        float s = 0.0f;
-                        for (int64_t c = 0; c < D; c++) s += qg[c] * kr[c];
-                        s *= scale;
-                        float *ag = acc + g * D;
-                        if (s > m[g]) { /* new running max: rescale what is accumulated */
-                            const float f = expf(m[g] - s);
-                            l[g] *= f;
-                            for (int64_t c = 0; c < D; c++) ag[c] *= f;
-                            m[g] = s;
+                    const uint8_t *row = vc + t * L.code_bytes;
+                    if (L.bits == 4 && L.nf4 && L.neox) { /* the default INT4: direct channels */
+                        for (int64_t i = 0; i < half; i++) {
+                            vrow[i] = NF4[row[i] & 0xf] * v_abs;
+                            vrow[half + i] = NF4[row[i] >> 4] * v_abs;
                         }
-                        const float p = expf(s - m[g]);
-                        l[g] += p;
-                        for (int64_t c = 0; c < D; c++) ag[c] += p * v[c];
+                    } else if (L.bits == 4 && L.nf4) {
+                        for (int64_t i = 0; i < half; i++) {
+                            vrow[chan[i]] = NF4[row[i] & 0xf] * v_abs;
+                            vrow[chan[half + i]] = NF4[row[i] >> 4] * v_abs;
+                        }
+                    } else {
+                        const float f = v_abs / (float)qmax;
+                        for (int64_t i = 0; i < half; i++) {
+                            const int32_t a = L.bits == 4 ? row[i] & 0xf : row[i];
+                            const int32_t b = L.bits == 4 ? row[i] >> 4 : row[half + i];
+                            vrow[chan[i]] = (float)(a - (qmax + 1)) * f;
+                            vrow[chan[half + i]] = (float)(b - (qmax + 1)) * f;
+                        }
+                    }
+                    for (int64_t g = 0; g < G; g++) {
+                        const float p = sc[g * bs + t];
+                        float *ag = acc + g * D;
+                        for (int64_t c = 0; c < D; c++) ag[c] += p * vrow[c];
                     }
                 }
             }
@@ -151,6 +226,6 @@ void kvs_quant_decode(const uint8_t *cache, int64_t block_stride, int64_t head_s
             }
         }
     }
+    free(chan);
     free(buf);
-    free(codes);
 }
