@@ -1,7 +1,7 @@
 """Compiled CPU helpers, built on first use with the system C compiler and called through
 ctypes (no torch headers, so a build takes about a second).
 
-Two ops live here, each beside the torch path that stays its reference and fallback:
+Three ops live here, each beside the torch path that stays its reference and fallback:
 
 * ``csrc/stage_sinks.c``: the in-place decode's sink staging (``sink_in_place.py``): a
   handful of torch ops per layer and step (gather, rotate, transpose, vLLM's cache writer)
@@ -9,6 +9,8 @@ Two ops live here, each beside the torch path that stays its reference and fallb
 * ``csrc/quant_decode.c``: one query per request over quantized pages (``kv_quant.py``,
   ``quant_sink_window_decode_cpu``), dequantize, rotate, score and accumulate fused, instead
   of dequantizing whole pages into float tensors first.
+* ``csrc/quant_store.c``: the quantized store's decode case (``kv_quant.py``, ``_write_alone``:
+  one token per block, ranges grown and earlier tokens re-encoded), the same bytes as torch.
 
 :func:`library` returns ``None`` where there is no compiler, the build fails, or
 ``VLLM_KVSTREAM_CPU_EXT=0``; callers then use torch.
@@ -35,13 +37,14 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("stage_sinks.c", "quant_decode.c")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("stage_sinks.c", "quant_decode.c", "quant_store.c")]
 # -march=native: built on the machine that runs it (the name below hashes the CPU's model and
 # flags too, so a cache directory shared by other CPUs builds its own). -ffp-contract=off: no
 # fused multiply-adds, so the staging writes what torch's separate ops write, bit for bit.
 _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-ffp-contract=off", "-std=c11"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _QUANT_ARGS = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, ctypes.c_float, _PTR]
+_STORE_ARGS = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
 _STAGE_ARGS = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
 
 
@@ -92,6 +95,7 @@ def library() -> ctypes.CDLL | None:
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = _STAGE_ARGS, None
     lib.kvs_quant_decode.argtypes, lib.kvs_quant_decode.restype = _QUANT_ARGS, None
+    lib.kvs_quant_store_alone.argtypes, lib.kvs_quant_store_alone.restype = _STORE_ARGS, None
     return lib
 
 
@@ -180,3 +184,17 @@ def quant_decode(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
         sin.data_ptr() if sin is not None else None, rotary_dim if cos is not None else 0, float(scale),
         out.data_ptr())
     return out
+
+
+def quant_store_alone(cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor,
+                      v: torch.Tensor, layout, *, neox: bool) -> None:
+    """One token per block (``k``, ``v`` [m, heads, D] float32, keys before RoPE) into slot
+    ``offsets`` of ``blocks`` [m] (see ``csrc/quant_store.c``); only where :func:`can_quant_decode`."""
+    m, H, _ = k.shape
+    blocks = blocks.to(torch.int64).contiguous()
+    offsets = offsets.to(torch.int64).contiguous()
+    k = k.to(torch.float32).contiguous()
+    v = v.to(torch.float32).contiguous()
+    words = _layout_words(layout, neox)
+    library().kvs_quant_store_alone(cache.data_ptr(), cache.stride(0), cache.stride(1), words.data_ptr(), m, H,
+                                    blocks.data_ptr(), offsets.data_ptr(), k.data_ptr(), v.data_ptr())

@@ -502,11 +502,13 @@ def quant_write_cpu(
     *,
     rope: Rope | None,
     is_neox_style: bool | None = None,
+    compiled: bool = True,
 ) -> None:
     """:func:`quant_write_ref` with its decode case batched: the blocks that take one token,
     not their first and not a sink, in one set of torch ops for all of them (a step's decode
     tokens, one per request), re-encoding in the same ops the earlier tokens of those whose
-    channel range grew. Every other block (a block's start, a prefill chunk, sinks, per-token
+    channel range grew; with ``compiled`` and the C helper built, in one C pass
+    (``csrc/quant_store.c``). Every other block (a block's start, a prefill chunk, sinks, per-token
     key scales) takes the reference's loop. The same bytes as the reference (tested)."""
     L = layout
     n = slots.numel()
@@ -539,12 +541,17 @@ def quant_write_cpu(
     if len(rest):
         _write_blocks(view, blocks[rest], offsets[rest], k[rest], v[rest], is_sink[rest], stats, L, neox)
     idx = torch.nonzero(batched).flatten()
-    _write_alone(view, blocks[idx], offsets[idx], k[idx], v[idx], L, neox)
+    _write_alone(view, blocks[idx], offsets[idx], k[idx], v[idx], L, neox, cache=cache, compiled=compiled)
 
 
-def _write_alone(view, b, off, kb, vb, L: QuantLayout, neox: bool) -> None:
+def _write_alone(view, b, off, kb, vb, L: QuantLayout, neox: bool, cache: torch.Tensor | None = None,
+                 compiled: bool = False) -> None:
     """One token ``kb``, ``vb`` ``[m, H, D]`` into slot ``off`` of each block ``b`` ``[m]`` (not its
-    first slot, not a sink): :func:`_write_channel_keys` and the value store for all at once."""
+    first slot, not a sink): :func:`_write_channel_keys` and the value store for all at once.
+    With ``compiled`` (and the C helper built), ``csrc/quant_store.c`` writes the same bytes."""
+    if compiled and cache is not None and cpu_ext.can_quant_decode(cache, L):
+        cpu_ext.quant_store_alone(cache, b, off, kb, vb, L, neox=neox)
+        return
     m, H, D = kb.shape
     old_lo, old_hi = _channel_range(view, b, L)  # [m, H, D]
     if L.key_zero_point:
