@@ -75,31 +75,43 @@ def library() -> ctypes.CDLL | None:
         logger.warning("vllm-kvstream: no C compiler found (tried $CC, cc, gcc, clang); torch serves the CPU helpers' ops")
         return None
     src = b"".join(path.read_bytes() for path in _SOURCES)
-    tag = hashlib.sha256(src + " ".join([cc, *_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    tag = hashlib.sha256(src + " ".join([cc, *_FLAGS, "-fopenmp?", _cpu_identity()]).encode()).hexdigest()[:16]
     out_dir = Path(os.environ.get("VLLM_KVSTREAM_CACHE_DIR", Path.home() / ".cache" / "vllm-kvstream"))
     so = out_dir / f"kvstream_cpu_{tag}.so"
     if not so.exists():
+        tmp = None
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(suffix=".so", dir=out_dir)
             os.close(fd)
-            subprocess.run([cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"], check=True, capture_output=True,
-                           text=True, timeout=120)
+            cmd = [cc, *_FLAGS, *map(str, _SOURCES), "-o", tmp, "-lm"]
+            try:  # with OpenMP (the libgomp torch loads serves it), else single-threaded
+                subprocess.run([*cmd, "-fopenmp"], check=True, capture_output=True, text=True, timeout=120)
+            except subprocess.CalledProcessError:
+                subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=120)
             os.replace(tmp, so)
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", "") or exc
+            if tmp is not None and os.path.exists(tmp):
+                os.unlink(tmp)
             logger.warning("vllm-kvstream: building the CPU helpers (kernels/csrc) with %s failed (%s); torch serves", cc, detail)
             return None
     lib = ctypes.CDLL(str(so))
     for name in ("kvs_stage_sinks_f32", "kvs_stage_sinks_bf16"):
         fn = getattr(lib, name)
-        fn.argtypes, fn.restype = _STAGE_ARGS, None
-    lib.kvs_quant_decode.argtypes, lib.kvs_quant_decode.restype = _QUANT_ARGS, None
-    lib.kvs_quant_store_alone.argtypes, lib.kvs_quant_store_alone.restype = _STORE_ARGS, None
+        fn.argtypes, fn.restype = _STAGE_ARGS, ctypes.c_int
+    lib.kvs_quant_decode.argtypes, lib.kvs_quant_decode.restype = _QUANT_ARGS, ctypes.c_int
+    lib.kvs_quant_store_alone.argtypes, lib.kvs_quant_store_alone.restype = _STORE_ARGS, ctypes.c_int
     return lib
 
 
 _STAGE_FN = {torch.float32: "kvs_stage_sinks_f32", torch.bfloat16: "kvs_stage_sinks_bf16"}
+
+
+def _check(name: str, status: int) -> None:
+    """The helpers return 0, or 1 where their scratch could not be allocated (nothing written)."""
+    if status != 0:
+        raise MemoryError(f"vllm-kvstream: {name} could not allocate its scratch (status {status})")
 
 
 def can_stage(kv_cache: torch.Tensor) -> bool:
@@ -131,10 +143,10 @@ def stage_sinks(kv_cache: torch.Tensor, sink_blocks: torch.Tensor, dst: torch.Te
     if value_mask is not None:
         value_mask = value_mask.to(torch.uint8).contiguous()
     fn = getattr(library(), _STAGE_FN[kv_cache.dtype])
-    fn(kv_cache.data_ptr(), kv_cache.stride(0), kv_cache.stride(1), H, B, two_d // 2,
+    _check(fn.__name__, fn(kv_cache.data_ptr(), kv_cache.stride(0), kv_cache.stride(1), H, B, two_d // 2,
        sink_blocks.data_ptr(), sb, dst.data_ptr(), E, S,
        cos.data_ptr() if cos is not None else None, sin.data_ptr() if sin is not None else None,
-       rotary_dim if cos is not None else 0, int(neox), value_mask.data_ptr() if value_mask is not None else None)
+       rotary_dim if cos is not None else 0, int(neox), value_mask.data_ptr() if value_mask is not None else None))
 
 
 def can_quant_decode(cache: torch.Tensor, layout) -> bool:
@@ -178,11 +190,11 @@ def quant_decode(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
         cos = cos.to(torch.float32).contiguous()
         sin = sin.to(torch.float32).contiguous()
     out = torch.empty(R, Hq, D, dtype=torch.float32)
-    library().kvs_quant_decode(
+    _check("kvs_quant_decode", library().kvs_quant_decode(
         cache.data_ptr(), cache.stride(0), cache.stride(1), words.data_ptr(), query.data_ptr(), R, Hq, Hkv,
         blocks.data_ptr(), nb, attended.data_ptr(), cos.data_ptr() if cos is not None else None,
         sin.data_ptr() if sin is not None else None, rotary_dim if cos is not None else 0, float(scale),
-        out.data_ptr())
+        out.data_ptr()))
     return out
 
 
@@ -196,5 +208,6 @@ def quant_store_alone(cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.
     k = k.to(torch.float32).contiguous()
     v = v.to(torch.float32).contiguous()
     words = _layout_words(layout, neox)
-    library().kvs_quant_store_alone(cache.data_ptr(), cache.stride(0), cache.stride(1), words.data_ptr(), m, H,
-                                    blocks.data_ptr(), offsets.data_ptr(), k.data_ptr(), v.data_ptr())
+    _check("kvs_quant_store_alone", library().kvs_quant_store_alone(
+        cache.data_ptr(), cache.stride(0), cache.stride(1), words.data_ptr(), m, H, blocks.data_ptr(),
+        offsets.data_ptr(), k.data_ptr(), v.data_ptr()))

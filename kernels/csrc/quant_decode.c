@@ -11,6 +11,14 @@
 #pragma GCC optimize("fp-contract=fast")
 #endif
 #include <math.h>
+#ifdef _OPENMP
+#include <omp.h>
+static int max_threads(void) { return omp_get_max_threads(); }
+static int thread_num(void) { return omp_get_thread_num(); }
+#else
+static int max_threads(void) { return 1; }
+static int thread_num(void) { return 0; }
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -76,7 +84,7 @@ static const float NF4[16] = {
  * positions (cos/sin given per slot as [rd/2][bs] rows), scored for the head's group of
  * queries, merged into the running softmax of the request (max, sum, accumulator), then the
  * values dequantized row by row and accumulated. */
-void kvs_quant_decode(const uint8_t *cache, int64_t block_stride, int64_t head_stride, const int64_t *lay,
+int kvs_quant_decode(const uint8_t *cache, int64_t block_stride, int64_t head_stride, const int64_t *lay,
                       const float *query, int64_t R, int64_t Hq, int64_t Hkv, const int64_t *blocks, int64_t nb,
                       const uint8_t *attended, const float *cosv, const float *sinv, int64_t rd, float scale,
                       float *out) {
@@ -84,19 +92,25 @@ void kvs_quant_decode(const uint8_t *cache, int64_t block_stride, int64_t head_s
     memcpy(&L, lay, sizeof(L));
     const int64_t D = L.D, bs = L.bs, G = Hq / Hkv, half = D / 2, half_rd = rd / 2;
     const int32_t qmax = (1 << (L.bits - 1)) - 1, top = (1 << L.bits) - 1;
-    float *buf = (float *)malloc(sizeof(float) * (5 * D + G * D + 2 * G + D * bs + G * bs + D));
-    if (!buf) return;
-    float *lo = buf, *step = buf + D, *out_abs = buf + 2 * D, *vrow = buf + 3 * D, *tmp = buf + 4 * D;
-    float *acc = buf + 5 * D, *m = acc + G * D, *l = m + G, *kt = l + G, *sc = kt + D * bs;
+    /* (request, kv head) pairs split over the OpenMP threads (torch's own runtime and thread
+     * count: the same libgomp is loaded), each with its own slice of one scratch buffer. */
+    const int64_t per_thread = 5 * D + G * D + 2 * G + D * bs + G * bs + D;
+    float *scratch = (float *)malloc(sizeof(float) * per_thread * max_threads());
     int64_t *chan = (int64_t *)malloc(sizeof(int64_t) * D); /* byte i's two channels: chan[i], chan[half + i] */
-    if (!chan) { free(buf); return; }
+    if (!scratch || !chan) { free(scratch); free(chan); return 1; }
     for (int64_t i = 0; i < half; i++) {
         chan[i] = L.neox ? i : 2 * i;
         chan[half + i] = L.neox ? half + i : 2 * i + 1;
     }
-    (void)tmp;
-    for (int64_t r = 0; r < R; r++) {
-        for (int64_t h = 0; h < Hkv; h++) {
+#pragma omp parallel
+    {
+    float *buf = scratch + per_thread * thread_num();
+    float *lo = buf, *step = buf + 1 * D, *out_abs = buf + 2 * D, *vrow = buf + 3 * D;
+    float *acc = buf + 5 * D, *m = acc + G * D, *l = m + G, *kt = l + G, *sc = kt + D * bs;
+#pragma omp for schedule(static)
+    for (int64_t rh = 0; rh < R * Hkv; rh++) {
+        const int64_t r = rh / Hkv, h = rh % Hkv;
+        {
             for (int64_t g = 0; g < G; g++) { m[g] = -INFINITY; l[g] = 0.0f; }
             memset(acc, 0, sizeof(float) * G * D);
             const float *q = query + (r * Hq + h * G) * D;
@@ -226,6 +240,8 @@ void kvs_quant_decode(const uint8_t *cache, int64_t block_stride, int64_t head_s
             }
         }
     }
+    }
     free(chan);
-    free(buf);
+    free(scratch);
+    return 0;
 }

@@ -8,6 +8,14 @@
  * the reference's (tested). */
 #include <math.h>
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+static int max_threads(void) { return omp_get_max_threads(); }
+static int thread_num(void) { return omp_get_thread_num(); }
+#else
+static int max_threads(void) { return 1; }
+static int thread_num(void) { return 0; }
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -121,18 +129,24 @@ static void unpack(const uint8_t *src, const layout_t *L, int32_t *codes) {
     }
 }
 
-void kvs_quant_store_alone(uint8_t *cache, int64_t block_stride, int64_t head_stride, const int64_t *lay, int64_t m,
+int kvs_quant_store_alone(uint8_t *cache, int64_t block_stride, int64_t head_stride, const int64_t *lay, int64_t m,
                            int64_t H, const int64_t *blocks, const int64_t *offs, const float *k, const float *v) {
     layout_t L;
     memcpy(&L, lay, sizeof(L));
     const int64_t D = L.D;
     const int32_t qmax = (1 << (L.bits - 1)) - 1, top = (1 << L.bits) - 1;
-    float *fb = (float *)malloc(sizeof(float) * (5 * H * D + D));
-    int32_t *codes = (int32_t *)malloc(sizeof(int32_t) * (D + 256));
-    if (!fb || !codes) { free(fb); free(codes); return; }
+    const int64_t fper = 5 * H * D + D, cper = D + 256;
+    float *fscratch = (float *)malloc(sizeof(float) * fper * max_threads());
+    int32_t *cscratch = (int32_t *)malloc(sizeof(int32_t) * cper * max_threads());
+    if (!fscratch || !cscratch) { free(fscratch); free(cscratch); return 1; }
+#pragma omp parallel
+    {
+    float *fb = fscratch + fper * thread_num();
+    int32_t *codes = cscratch + cper * thread_num();
     float *old_lo = fb, *old_hi = fb + H * D, *lo = fb + 2 * H * D, *hi = fb + 3 * H * D, *prev = fb + 4 * H * D;
     int32_t *out_codes = codes + D;
-    for (int64_t r = 0; r < m; r++) {
+#pragma omp for schedule(static)
+    for (int64_t r = 0; r < m; r++) { /* one token per block: blocks are distinct */
         uint8_t *blk = cache + blocks[r] * block_stride;
         const int64_t off = offs[r];
         int grew = 0;
@@ -197,6 +211,8 @@ void kvs_quant_store_alone(uint8_t *cache, int64_t block_stride, int64_t head_st
             pack(codes, &L, page + L.v_codes_off + off * L.code_bytes);
         }
     }
-    free(fb);
-    free(codes);
+    }
+    free(fscratch);
+    free(cscratch);
+    return 0;
 }

@@ -7,6 +7,14 @@
  * path in sink_in_place.py is the reference it is tested against. Sources and destinations
  * are distinct blocks (the plan guarantees it), so request by request is safe. */
 #include <stdint.h>
+#ifdef _OPENMP
+#include <omp.h>
+static int max_threads(void) { return omp_get_max_threads(); }
+static int thread_num(void) { return omp_get_thread_num(); }
+#else
+static int max_threads(void) { return 1; }
+static int thread_num(void) { return 0; }
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -29,15 +37,19 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
  * per kv head and key row d a sequential sweep over the sinks (row d of a [D][B] block is
  * contiguous in tokens), then the value rows. */
 #define STAGE(NAME, T, LOAD, STORE)                                                                  \
-    void NAME(T *cache, int64_t block_stride, int64_t head_stride, int64_t H, int64_t B, int64_t D,     \
+    int NAME(T *cache, int64_t block_stride, int64_t head_stride, int64_t H, int64_t B, int64_t D,     \
               const int64_t *sink_blocks, int64_t sb, const int64_t *dst, int64_t E, int64_t S,          \
               const float *cosv, const float *sinv, int64_t rd, int64_t neox,                       \
-              const uint8_t *value_mask) {                          \
-        const int64_t half = rd / 2;                                                                 \
-        int64_t *buf = (int64_t *)malloc(sizeof(int64_t) * 4 * (S > 0 ? S : 1));                     \
-        if (!buf) return;                                                                            \
+              const uint8_t *value_mask) {                                                          \
+        const int64_t half = rd / 2, per_thread = 4 * (S > 0 ? S : 1);                               \
+        int64_t *scratch = (int64_t *)malloc(sizeof(int64_t) * per_thread * max_threads());          \
+        if (!scratch) return 1;                                                                      \
+        _Pragma("omp parallel")                                                                      \
+        {                                                                                            \
+        int64_t *buf = scratch + per_thread * thread_num();                                          \
         int64_t *sblk = buf, *soff = buf + S, *dblk = buf + 2 * S, *doff = buf + 3 * S;             \
-        for (int64_t r = 0; r < E; r++) {                                                            \
+        _Pragma("omp for schedule(static)")                                                          \
+        for (int64_t r = 0; r < E; r++) { /* requests write distinct blocks */                      \
             for (int64_t i = 0; i < S; i++) { /* block bases (elements) and in-block offsets */      \
                 const int64_t slot = dst[r * S + i];                                                 \
                 sblk[i] = sink_blocks[r * sb + i / B] * block_stride;                                \
@@ -70,7 +82,9 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
                         memcpy(base + dblk[i] + B * D + doff[i] * D, base + sblk[i] + B * D + soff[i] * D, sizeof(T) * D); \
             }                                                                                        \
         }                                                                                            \
-        free(buf);                                                                                    \
+        }                                                                                            \
+        free(scratch);                                                                               \
+        return 0;                                                                                    \
     }
 
 #define ID(x) (x)
