@@ -74,7 +74,7 @@ def library() -> ctypes.CDLL | None:
     if cc is None:
         logger.warning("vllm-kvstream: no C compiler found (tried $CC, cc, gcc, clang); torch serves the CPU helpers' ops")
         return None
-    src = b"".join(path.read_bytes() for path in _SOURCES)
+    src = b"".join(path.read_bytes() for path in (*_SOURCES, _SOURCES[0].with_name("kvstream_cpu.h")))
     tag = hashlib.sha256(src + " ".join([cc, *_FLAGS, "-fopenmp?", _cpu_identity()]).encode()).hexdigest()[:16]
     out_dir = Path(os.environ.get("VLLM_KVSTREAM_CACHE_DIR", Path.home() / ".cache" / "vllm-kvstream"))
     so = out_dir / f"kvstream_cpu_{tag}.so"

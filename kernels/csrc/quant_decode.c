@@ -10,40 +10,7 @@
 #elif defined(__GNUC__)
 #pragma GCC optimize("fp-contract=fast")
 #endif
-#include <math.h>
-#ifdef _OPENMP
-#include <omp.h>
-static int max_threads(void) { return omp_get_max_threads(); }
-static int thread_num(void) { return omp_get_thread_num(); }
-#else
-static int max_threads(void) { return 1; }
-static int thread_num(void) { return 0; }
-#endif
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-static float half_to_float(uint16_t h) { /* IEEE fp16 -> fp32, subnormals included */
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
-    if (exp == 0) {
-        if (man == 0) {
-            u = sign;
-        } else { /* subnormal: normalize */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400u)) { man <<= 1; exp--; }
-            man &= 0x3ffu;
-            u = sign | (exp << 23) | (man << 13);
-        }
-    } else if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else {
-        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
+#include "kvstream_cpu.h"
 
 /* exp(x) for x <= 0 (scores minus their running max): 2^(x log2 e) split into an integer
  * power (exponent bits) and 2^f on [-0.5, 0.5] by a degree-6 polynomial, relative error
@@ -65,12 +32,6 @@ static inline float exp_nonpos(float x) {
     memcpy(&scale, &e, 4);
     return p * scale;
 }
-
-typedef struct {
-    int64_t bits, D, bs, S, n_out, zero_point, nf4, neox, code_bytes;
-    int64_t k_scale_off, k_zero_off, v_scale_off, sink_scale_off, k_codes_off, v_codes_off, sink_k_off,
-        out_idx_off, out_k_off;
-} layout_t;
 
 static const float NF4[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
@@ -123,8 +84,8 @@ int kvs_quant_decode(const uint8_t *cache, int64_t block_stride, int64_t head_st
                 const uint16_t *ks = (const uint16_t *)(page + L.k_scale_off);
                 const uint16_t *kz = (const uint16_t *)(page + L.k_zero_off);
                 for (int64_t c = 0; c < D; c++) {
-                    const float hi = half_to_float(ks[c]);
-                    const float lo_c = L.zero_point ? half_to_float(kz[c]) : -hi;
+                    const float hi = h2f(ks[c]);
+                    const float lo_c = L.zero_point ? h2f(kz[c]) : -hi;
                     lo[c] = lo_c;
                     step[c] = L.zero_point ? (hi - lo_c) / (float)top : hi / (float)qmax;
                     out_abs[c] = hi > -lo_c ? hi : -lo_c;
@@ -158,7 +119,7 @@ int kvs_quant_decode(const uint8_t *cache, int64_t block_stride, int64_t head_st
                 }
                 const uint16_t *ss = (const uint16_t *)(page + L.sink_scale_off);
                 for (int64_t t = 0; t < L.S; t++) { /* sink slots: 8-bit keys with their own scale */
-                    const float s_abs = half_to_float(ss[t]);
+                    const float s_abs = h2f(ss[t]);
                     if (s_abs > 0.0f) {
                         const uint8_t *sk = page + L.sink_k_off + t * D;
                         for (int64_t c = 0; c < D; c++) kt[c * bs + t] = (float)((int32_t)sk[c] - 128) * (s_abs / 127.0f);
@@ -205,7 +166,7 @@ int kvs_quant_decode(const uint8_t *cache, int64_t block_stride, int64_t head_st
                 const uint8_t *vc = page + L.v_codes_off;
                 for (int64_t t = 0; t < bs; t++) {
                     if (!att[t]) continue;
-                    const float v_abs = half_to_float(vs[t]);
+                    const float v_abs = h2f(vs[t]);
                     const uint8_t *row = vc + t * L.code_bytes;
                     if (L.bits == 4 && L.nf4 && L.neox) { /* the default INT4: direct channels */
                         for (int64_t i = 0; i < half; i++) {

@@ -6,69 +6,9 @@
  * outlier codes, value scale and value codes. Every float operation is the one torch does,
  * in the same order, without contraction (the build's -ffp-contract=off), so the bytes equal
  * the reference's (tested). */
-#include <math.h>
-#include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-static int max_threads(void) { return omp_get_max_threads(); }
-static int thread_num(void) { return omp_get_thread_num(); }
-#else
-static int max_threads(void) { return 1; }
-static int thread_num(void) { return 0; }
-#endif
-#include <stdlib.h>
-#include <string.h>
-
-static float h2f(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
-    uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
-    if (exp == 0) {
-        if (man == 0) {
-            u = sign;
-        } else {
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400u)) { man <<= 1; exp--; }
-            man &= 0x3ffu;
-            u = sign | (exp << 23) | (man << 13);
-        }
-    } else if (exp == 0x1f) {
-        u = sign | 0x7f800000u | (man << 13);
-    } else {
-        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static uint16_t f2h(float f) { /* round to nearest even, overflow to inf, subnormals kept */
-    uint32_t x;
-    memcpy(&x, &f, 4);
-    const uint32_t sign = (x >> 16) & 0x8000u, exp = (x >> 23) & 0xffu, man = x & 0x7fffffu;
-    if (exp == 0xff) return (uint16_t)(sign | 0x7c00u | (man ? 0x200u : 0u));
-    const int32_t e = (int32_t)exp - 127 + 15;
-    if (e >= 31) return (uint16_t)(sign | 0x7c00u);
-    if (e <= 0) {
-        if (e < -10) return (uint16_t)sign;
-        const uint32_t m = man | 0x800000u, shift = (uint32_t)(14 - e);
-        uint32_t hm = m >> shift;
-        const uint32_t rem = m & ((1u << shift) - 1u), halfway = 1u << (shift - 1u);
-        if (rem > halfway || (rem == halfway && (hm & 1u))) hm++;
-        return (uint16_t)(sign | hm);
-    }
-    uint32_t h = sign | ((uint32_t)e << 10) | (man >> 13);
-    const uint32_t rem = man & 0x1fffu;
-    if (rem > 0x1000u || (rem == 0x1000u && (h & 1u))) h++;
-    return (uint16_t)h;
-}
+#include "kvstream_cpu.h"
 
 static inline float round_half(float f) { return h2f(f2h(f)); }
-
-typedef struct {
-    int64_t bits, D, bs, S, n_out, zero_point, nf4, neox, code_bytes;
-    int64_t k_scale_off, k_zero_off, v_scale_off, sink_scale_off, k_codes_off, v_codes_off, sink_k_off,
-        out_idx_off, out_k_off;
-} layout_t;
 
 static const float NF4_EDGES[15] = { /* kv_quant.NF4_EDGES: (NF4[1:] + NF4[:-1]) / 2 in float32 */
     -0.8480963706970215f, -0.6106328964233398f, -0.4599952697753906f, -0.33967941999435425f,

@@ -6,17 +6,7 @@
  * [B][D]. Built by kernels/cpu_ext.py (cc -O3 -shared), called through ctypes; the torch
  * path in sink_in_place.py is the reference it is tested against. Sources and destinations
  * are distinct blocks (the plan guarantees it), so request by request is safe. */
-#include <stdint.h>
-#ifdef _OPENMP
-#include <omp.h>
-static int max_threads(void) { return omp_get_max_threads(); }
-static int thread_num(void) { return omp_get_thread_num(); }
-#else
-static int max_threads(void) { return 1; }
-static int thread_num(void) { return 0; }
-#endif
-#include <stdlib.h>
-#include <string.h>
+#include "kvstream_cpu.h"
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
