@@ -512,7 +512,9 @@ def quant_write_cpu(
     key scales) takes the reference's loop. The same bytes as the reference (tested)."""
     L = layout
     n = slots.numel()
-    if not L.scaled or L.key_scale != "channel" or n < 2:
+    # The torch ops pay off from two tokens on; the C pass from one (a single stream's decode).
+    least = 1 if compiled and cpu_ext.can_quant_decode(cache, L) else 2
+    if not L.scaled or L.key_scale != "channel" or n < least:
         quant_write_ref(key, value, cache, slots, positions, stats, L, rope=rope, is_neox_style=is_neox_style)
         return
     bs = L.block_size
@@ -525,7 +527,7 @@ def quant_write_cpu(
     alone[1:] &= ~same
     alone[:-1] &= ~same
     batched = alone & (offsets > 0) & (positions >= L.sink_tokens)
-    if int(batched.sum()) < 2:
+    if int(batched.sum()) < least:
         quant_write_ref(key, value, cache, slots, positions, stats, L, rope=rope, is_neox_style=is_neox_style)
         return
     neox = is_neox_style if is_neox_style is not None else (rope.is_neox_style if rope is not None else True)

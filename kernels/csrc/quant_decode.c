@@ -63,7 +63,7 @@ int kvs_quant_decode(const uint8_t *cache, int64_t block_stride, int64_t head_st
         chan[i] = L.neox ? i : 2 * i;
         chan[half + i] = L.neox ? half + i : 2 * i + 1;
     }
-#pragma omp parallel
+#pragma omp parallel if (R * Hkv > 1)
     {
     float *buf = scratch + per_thread * thread_num();
     float *lo = buf, *step = buf + 1 * D, *out_abs = buf + 2 * D, *vrow = buf + 3 * D;

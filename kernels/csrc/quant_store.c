@@ -79,7 +79,7 @@ int kvs_quant_store_alone(uint8_t *cache, int64_t block_stride, int64_t head_str
     float *fscratch = (float *)malloc(sizeof(float) * fper * max_threads());
     int32_t *cscratch = (int32_t *)malloc(sizeof(int32_t) * cper * max_threads());
     if (!fscratch || !cscratch) { free(fscratch); free(cscratch); return 1; }
-#pragma omp parallel
+#pragma omp parallel if (m > 1)
     {
     float *fb = fscratch + fper * thread_num();
     int32_t *codes = cscratch + cper * thread_num();

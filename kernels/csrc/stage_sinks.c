@@ -34,7 +34,7 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
         const int64_t half = rd / 2, per_thread = 4 * (S > 0 ? S : 1);                               \
         int64_t *scratch = (int64_t *)malloc(sizeof(int64_t) * per_thread * max_threads());          \
         if (!scratch) return 1;                                                                      \
-        _Pragma("omp parallel")                                                                      \
+        _Pragma("omp parallel if (E > 1)")                                                               \
         {                                                                                            \
         int64_t *buf = scratch + per_thread * thread_num();                                          \
         int64_t *sblk = buf, *soff = buf + S, *dblk = buf + 2 * S, *doff = buf + 3 * S;             \

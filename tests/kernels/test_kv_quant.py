@@ -523,7 +523,8 @@ def test_fast_cpu_read_equals_the_reference(bits, layout, D, H, bs, neox):
 @pytest.mark.parametrize("compiled", [True, False], ids=["C", "torch"])
 def test_batched_cpu_store_writes_the_reference_bytes(bits, layout, D, H, bs, neox, compiled):
     """A batch of streams: each prefilled by a chunk, then decode steps of one token per stream
-    in a shuffled order (blocks started, sinks and channel ranges outgrown among them): the
+    in a shuffled order (blocks started, sinks and channel ranges outgrown among them), then
+    one token per call: the
     batched store (the torch ops, and the C helper ``csrc/quant_store.c``) leaves the cache
     and the EMAs byte for byte as the reference does."""
     from vllm_kvstream.kernels import cpu_ext
@@ -544,6 +545,8 @@ def test_batched_cpu_store_writes_the_reference_bytes(bits, layout, D, H, bs, ne
     for i in range(steps):
         order = torch.randperm(streams, generator=gen).tolist()
         writes.append([(r, torch.tensor([lens[r] + i])) for r in order])
+    for i in range(steps, steps + bs):  # then one token per call (a single stream's decode)
+        writes += [[(r, torch.tensor([lens[r] + i]))] for r in range(streams)]
     ref, got = cache.clone(), cache.clone()
     s_ref, s_got = QuantStats.empty(H, D), QuantStats.empty(H, D)
     grown = batched = 0
