@@ -3,7 +3,9 @@
 Each op has a naive float32 torch reference (importable; the oracle for tests and the path
 the plugin runs on CPU) and a dispatcher. Triton kernels join the references here and the
 dispatcher picks them on CUDA; nothing in this package imports vLLM, and Triton is imported
-only when a Triton kernel first runs.
+only when a Triton kernel first runs. On CPU three hot ops also have a C form (``csrc/``,
+built on first use by ``cpu_ext``, torch where no compiler is found): the in-place decode's
+sink staging, and the quantized decode read and store; each is tested against its torch form.
 """
 
 from vllm_kvstream.kernels.kv_quant import (
