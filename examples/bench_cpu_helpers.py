@@ -38,7 +38,13 @@ def main() -> None:
     import torch
 
     from vllm_kvstream.kernels import cpu_ext
-    from vllm_kvstream.kernels.kv_quant import PageView, QuantLayout, QuantStats, quant_sink_window_decode_cpu, quant_write_cpu
+    from vllm_kvstream.kernels.kv_quant import (
+        PageView,
+        QuantLayout,
+        QuantStats,
+        quant_sink_window_decode_cpu,
+        quant_write_cpu,
+    )
     from vllm_kvstream.kernels.rope import Rope
     from vllm_kvstream.kernels.sink_decode import plan_decode
     from vllm_kvstream.kernels.sink_in_place import plan_in_place, stage_sinks_

@@ -72,7 +72,8 @@ def library() -> ctypes.CDLL | None:
         return None
     cc = _compiler()
     if cc is None:
-        logger.warning("vllm-kvstream: no C compiler found (tried $CC, cc, gcc, clang); torch serves the CPU helpers' ops")
+        logger.warning("vllm-kvstream: no C compiler found (tried $CC, cc, gcc, clang); "
+                       "torch serves the CPU helpers' ops")
         return None
     src = b"".join(path.read_bytes() for path in (*_SOURCES, _SOURCES[0].with_name("kvstream_cpu.h")))
     tag = hashlib.sha256(src + " ".join([cc, *_FLAGS, "-fopenmp?", _cpu_identity()]).encode()).hexdigest()[:16]
@@ -94,7 +95,8 @@ def library() -> ctypes.CDLL | None:
             detail = getattr(exc, "stderr", "") or exc
             if tmp is not None and os.path.exists(tmp):
                 os.unlink(tmp)
-            logger.warning("vllm-kvstream: building the CPU helpers (kernels/csrc) with %s failed (%s); torch serves", cc, detail)
+            logger.warning("vllm-kvstream: building the CPU helpers (kernels/csrc) with %s failed (%s); torch serves",
+                           cc, detail)
             return None
     lib = ctypes.CDLL(str(so))
     for name in ("kvs_stage_sinks_f32", "kvs_stage_sinks_bf16"):
@@ -128,7 +130,8 @@ def can_stage(kv_cache: torch.Tensor) -> bool:
 
 
 def stage_sinks(kv_cache: torch.Tensor, sink_blocks: torch.Tensor, dst: torch.Tensor, cos: torch.Tensor | None,
-                sin: torch.Tensor | None, *, rotary_dim: int, neox: bool, value_mask: torch.Tensor | None = None) -> None:
+                sin: torch.Tensor | None, *, rotary_dim: int, neox: bool,
+                value_mask: torch.Tensor | None = None) -> None:
     """Copy sinks into ``dst`` slots (see ``csrc/stage_sinks.c``); call only where :func:`can_stage`.
     ``sink_blocks`` [E, sb] and ``dst`` [E * S] long; ``cos``/``sin`` [E, rotary_dim // 2] or ``None``;
     ``value_mask`` [E * S] bool: the sinks whose values to write (``None``: all; keys always)."""

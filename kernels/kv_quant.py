@@ -781,7 +781,8 @@ def quant_sink_window_decode_cpu(
 ) -> torch.Tensor:
     """A step's one-token requests over quantized pages in one batch of torch ops (the CPU
     decode path; with ``compiled`` and the C helper built, ``cpu_ext.quant_decode`` does the
-    same per slot, fused, without materializing the pages in float; the oracle is :func:`~vllm_kvstream.kernels.sink_attention.sink_window_attention_ref`
+    same per slot, fused, without materializing the pages in float; the oracle is
+    :func:`~vllm_kvstream.kernels.sink_attention.sink_window_attention_ref`
     with keys before RoPE, which this meets up to float rounding).
 
     ``plan``: :func:`~vllm_kvstream.kernels.sink_decode.plan_decode` over the step's physical
@@ -804,7 +805,8 @@ def quant_sink_window_decode_cpu(
             if cs is None:  # once per step, shared by every layer: [batch, nb, rd / 2, bs]
                 cos, sin = rope.cos_sin(plan.key_positions.reshape(-1))
                 shape = (batch, nb, plan.key_positions.shape[-1], rope.rotary_dim // 2)
-                cs = plan.workspace["key_cos_sin_t"] = tuple(x.view(shape).transpose(-1, -2).contiguous() for x in (cos, sin))
+                cs = tuple(x.view(shape).transpose(-1, -2).contiguous() for x in (cos, sin))
+                plan.workspace["key_cos_sin_t"] = cs
             cos, sin = cs
         q = query.index_select(0, plan.rows)
         o = cpu_ext.quant_decode(q, cache, plan.blocks, plan.attended, cos, sin, layout, scale=scale, neox=neox,

@@ -68,7 +68,7 @@ class InPlacePlan:
     #: [E * S] bool, or ``None`` (all): the sinks whose *values* must be written this step; the
     #: others' value copies are already in place from the previous step (see :func:`plan_in_place`).
     value_mask: torch.Tensor | None = None
-    #: ``(sink block, F, L) -> p`` of this step's evicting requests: the next step's ``previous``.
+    #: ``(sink block, F, L) -> p`` of this step's case B requests: the next step's ``previous``.
     staged: dict | None = None
     #: Filled by the adapter: the kernel's scheduler metadata, shared by every layer.
     metadata: object = None
@@ -92,12 +92,13 @@ def plan_in_place(
 
     Sink ``i`` goes to slot ``B - 1 - i`` of ``L`` while ``i < B - t``, the rest to ``F``'s dead
     slots counting down from ``u - 1`` (case B; case A puts them right after the window, slot
-    ``t + i``, where the kernel's sequence ends): a slot keeps the same sink from one step to the next
-    (``t`` and ``u`` both move on by one), so its *value* copy stays valid, and only the keys
-    (rotated by an ``e`` that grows every step) must be rewritten. ``previous``: the last
-    step's ``plan.staged`` (its case B requests); a case B request found there at ``p - 1`` with the same sink, ``F`` and
-    ``L`` blocks (so none of them was freed in between: it held them) needs the value of one
-    sink only, the one for ``F``'s newly dead slot (``plan.value_mask``)."""
+    ``t + i``, where the kernel's sequence ends): a slot keeps the same sink from one step to
+    the next (``t`` and ``u`` both move on by one), so its *value* copy stays valid, and only
+    the keys (rotated by an ``e`` that grows every step) must be rewritten. ``previous``: the
+    last step's ``plan.staged`` (its case B requests); a case B request found there at
+    ``p - 1`` with the same sink, ``F`` and ``L`` blocks (so none of them was freed in
+    between: it held them) needs the value of one sink only, the one for ``F``'s newly dead
+    slot (``plan.value_mask``)."""
     S, W, B = int(sink_tokens), int(window_tokens), int(block_size)
     rows = rows.to(torch.long)
     seq = seq_lens.to(torch.long)
@@ -202,9 +203,10 @@ def stage_sinks_(kv_cache: torch.Tensor, plan: InPlacePlan, rope: Rope | None, w
     """Write the plan's sink copies (:func:`sink_copies`) into their slots of one layer's cache
     (vLLM's CPU layout). With ``compiled`` and a cache the compiled helper serves
     (``cpu_ext.can_stage``: float32 or bfloat16), one pass in C (``csrc/stage_sinks.c``) that
-    skips the value copies still in place (``plan.value_mask``); otherwise torch, every copy: ``write(keys, values, slots)`` is the cache writer (the adapter passes
-    vLLM's), default torch indexing through :func:`split_cpu_kv_cache`. Every source is read
-    before any destination is written (sources and destinations are distinct blocks)."""
+    skips the value copies still in place (``plan.value_mask``). Otherwise torch writes every
+    copy: ``write(keys, values, slots)`` is the cache writer (the adapter passes vLLM's),
+    default torch indexing through :func:`split_cpu_kv_cache`. Every source is read before
+    any destination is written (sources and destinations are distinct blocks)."""
     if plan.sink_dst.numel() == 0:
         return
     if compiled and cpu_ext.can_stage(kv_cache):
