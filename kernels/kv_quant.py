@@ -439,25 +439,42 @@ def quant_write_ref(
     rope's, NeoX without one) picks the INT4 channel pairing (:func:`pair_order`).
     """
     L = layout
-    bs, S = L.block_size, L.sink_tokens
+    bs = L.block_size
     view = PageView(cache, L)
     slots = slots.to(torch.long)
     positions = positions.to(torch.long)
-    k = key.float()
-    if rope is not None:
-        k = rope.rotate(k, -positions)  # back to pre-RoPE
-    v = value.float()
+    k, v = _pre_rope(key, value, positions, rope)
     blocks, offsets = slots // bs, slots % bs
     if not L.scaled:  # 16-bit pages: the floats themselves, channels in order
         dt = FLOAT_DTYPES[L.float_dtype]
         view.k_codes[blocks, :, offsets] = k.to(dt).view(torch.uint8)
         view.v_codes[blocks, :, offsets] = v.to(dt).view(torch.uint8)
         return
-    is_sink = positions < S
+    is_sink = _sinks_and_stats(k, positions, stats, L)
+    _write_blocks(view, blocks, offsets, k, v, is_sink, stats, L, _pairing(is_neox_style, rope))
+
+
+def _pre_rope(key, value, positions, rope: Rope | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 keys rotated back to pre-RoPE (when ``rope`` is given) and values."""
+    k = key.float()
+    if rope is not None:
+        k = rope.rotate(k, -positions)
+    return k, value.float()
+
+
+def _sinks_and_stats(k, positions, stats: QuantStats, L: QuantLayout) -> torch.Tensor:
+    """Which tokens are sinks; the EMAs take every other key of the write."""
+    is_sink = positions < L.sink_tokens
     if bool((~is_sink).any()):
         stats.update(k[~is_sink])
-    neox = is_neox_style if is_neox_style is not None else (rope.is_neox_style if rope is not None else True)
-    _write_blocks(view, blocks, offsets, k, v, is_sink, stats, L, neox)
+    return is_sink
+
+
+def _pairing(is_neox_style: bool | None, rope: Rope | None) -> bool:
+    """The INT4 channel pairing: as given, else the rope's, NeoX without one."""
+    if is_neox_style is not None:
+        return is_neox_style
+    return rope.is_neox_style if rope is not None else True
 
 
 def _write_blocks(view, blocks, offsets, k, v, is_sink, stats, L: QuantLayout, neox: bool) -> None:
@@ -513,7 +530,8 @@ def quant_write_cpu(
     L = layout
     n = slots.numel()
     # The torch ops pay off from two tokens on; the C pass from one (a single stream's decode).
-    least = 1 if compiled and cpu_ext.can_quant_decode(cache, L) else 2
+    use_c = compiled and cpu_ext.can_quant_decode(cache, L)
+    least = 1 if use_c else 2
     if not L.scaled or L.key_scale != "channel" or n < least:
         quant_write_ref(key, value, cache, slots, positions, stats, L, rope=rope, is_neox_style=is_neox_style)
         return
@@ -530,30 +548,23 @@ def quant_write_cpu(
     if int(batched.sum()) < least:
         quant_write_ref(key, value, cache, slots, positions, stats, L, rope=rope, is_neox_style=is_neox_style)
         return
-    neox = is_neox_style if is_neox_style is not None else (rope.is_neox_style if rope is not None else True)
-    k = key.float()
-    if rope is not None:
-        k = rope.rotate(k, -positions)
-    v = value.float()
-    is_sink = positions < L.sink_tokens
-    if bool((~is_sink).any()):
-        stats.update(k[~is_sink])
+    neox = _pairing(is_neox_style, rope)
+    k, v = _pre_rope(key, value, positions, rope)
+    is_sink = _sinks_and_stats(k, positions, stats, L)
     view = PageView(cache, L)
     rest = torch.nonzero(~batched).flatten()
     if len(rest):
         _write_blocks(view, blocks[rest], offsets[rest], k[rest], v[rest], is_sink[rest], stats, L, neox)
     idx = torch.nonzero(batched).flatten()
-    _write_alone(view, blocks[idx], offsets[idx], k[idx], v[idx], L, neox, cache=cache, compiled=compiled)
+    if use_c:  # csrc/quant_store.c: the same bytes as _write_alone
+        cpu_ext.quant_store_alone(cache, blocks[idx], offsets[idx], k[idx], v[idx], L, neox=neox)
+    else:
+        _write_alone(view, blocks[idx], offsets[idx], k[idx], v[idx], L, neox)
 
 
-def _write_alone(view, b, off, kb, vb, L: QuantLayout, neox: bool, cache: torch.Tensor | None = None,
-                 compiled: bool = False) -> None:
+def _write_alone(view, b, off, kb, vb, L: QuantLayout, neox: bool) -> None:
     """One token ``kb``, ``vb`` ``[m, H, D]`` into slot ``off`` of each block ``b`` ``[m]`` (not its
-    first slot, not a sink): :func:`_write_channel_keys` and the value store for all at once.
-    With ``compiled`` (and the C helper built), ``csrc/quant_store.c`` writes the same bytes."""
-    if compiled and cache is not None and cpu_ext.can_quant_decode(cache, L):
-        cpu_ext.quant_store_alone(cache, b, off, kb, vb, L, neox=neox)
-        return
+    first slot, not a sink): :func:`_write_channel_keys` and the value store for all at once."""
     m, H, D = kb.shape
     old_lo, old_hi = _channel_range(view, b, L)  # [m, H, D]
     if L.key_zero_point:

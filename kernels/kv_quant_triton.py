@@ -33,7 +33,14 @@ import torch
 
 from vllm_kvstream.errors import KVStreamConfigError
 
-from vllm_kvstream.kernels.kv_quant import NF4, NF4_EDGES, QuantLayout, QuantStats, quant_read_cpu, quant_write_cpu, quant_write_ref
+from vllm_kvstream.kernels.kv_quant import (
+    NF4,
+    NF4_EDGES,
+    QuantLayout,
+    QuantStats,
+    quant_read_cpu,
+    quant_write_cpu,
+)
 from vllm_kvstream.kernels.rope import Rope
 from vllm_kvstream.kernels.sink_prefill import sink_window_attention
 
