@@ -130,15 +130,25 @@ def test_interrupted_stream_continues_from_its_snapshot_exactly(tiny_model, tmp_
     run = Run("streaming-sink", Cache(4, 124), {"sink_tokens": 4, "window_tokens": 124, "align": "token"}, quant=quant)
     kw = {"chunk": 128, "block_size": 16}
     whole_blocks: dict = {}
-    whole = token_logprobs(tiny_model, tokens, run, blocks=whole_blocks, **kw)
+    seen: list[tuple[int, int]] = []
+    whole = token_logprobs(tiny_model, tokens, run, blocks=whole_blocks, progress=lambda d, t: seen.append((d, t)),
+                           progress_every=0, **kw)
     snap = tmp_path / "run.snapshot.pt"
     stopped = token_logprobs(tiny_model, tokens, run, snapshot=snap, snapshot_every=512, stop_after_snapshots=2, **kw)
     assert stopped is None and snap.exists()
     sabotaged = tmp_path / "sabotaged.snapshot.pt"
     shutil.copy(snap, sabotaged)
     blocks: dict = {}
-    again = token_logprobs(tiny_model, tokens, run, snapshot=snap, snapshot_every=512, blocks=blocks, **kw)
+    resumed: list[tuple[int, int]] = []
+    again = token_logprobs(tiny_model, tokens, run, snapshot=snap, snapshot_every=512, blocks=blocks,
+                           progress=lambda d, t: resumed.append((d, t)), progress_every=0, **kw)
     assert blocks["resumed_from"] == 1024  # the second snapshot: only the rest was computed
+    # The progress bar's feed: a line per step, never stepping back, ending at the stream's
+    # length; the continued stream's starts where its snapshot was.
+    for reports, first in ((seen, 0), (resumed, 1024)):
+        done = [d for d, _ in reports]
+        assert len(done) > 5 and done == sorted(done) and done[0] >= first and done[-1] == len(tokens)
+        assert {t for _, t in reports} == {len(tokens)}
     assert len(again) == len(whole) == len(tokens) - 1
     assert max(abs(a - b) for a, b in zip(again, whole)) < 1e-4
     assert blocks["after"] == 0 and blocks["peak"] <= whole_blocks["peak"]

@@ -239,7 +239,8 @@ def _prompt_logprobs(llm, job: dict[str, Any]) -> dict[str, Any]:
     """``job``: ``tokens``; optional ``snapshot`` (a path), ``snapshot_every`` (tokens): every
     that many tokens the stream's state is saved there (:func:`take_snapshot`), and a job whose
     snapshot exists continues from it, computing only what is left. ``stop_after_snapshots``
-    ends the job after that many (tests interrupt a stream so)."""
+    ends the job after that many (tests interrupt a stream so). ``report_every``: seconds
+    between progress lines (default 2; 0: every engine step)."""
     import torch
     from vllm import SamplingParams
 
@@ -248,6 +249,7 @@ def _prompt_logprobs(llm, job: dict[str, Any]) -> dict[str, Any]:
     snap_path = Path(job["snapshot"]) if job.get("snapshot") else None
     every = int(job.get("snapshot_every") or 0)
     stop_after = job.get("stop_after_snapshots")
+    report_every = float(job.get("report_every", 2.0))
     pool = engine.engine_core.engine_core.scheduler.kv_cache_manager.block_pool
     free_start = pool.get_num_free_blocks()
     # detokenize=False: a continued stream's prompt log-probs before the snapshot are not
@@ -276,7 +278,9 @@ def _prompt_logprobs(llm, job: dict[str, Any]) -> dict[str, Any]:
         used = free_start - pool.get_num_free_blocks()
         peak = max(peak, used)
         computed = _computed_tokens(engine)
-        if time.monotonic() - last > 2.0:
+        # Once the request finished it has left the scheduler (``computed`` reads 0): the
+        # stream's last progress line is the final one below, never a step back to 0.
+        if result is None and time.monotonic() - last >= report_every:
             last = time.monotonic()
             blocks.append((computed, used, rss_mib()))
             _report(computed, len(tokens))
@@ -306,13 +310,17 @@ def _generate(llm, job: dict[str, Any]) -> dict[str, Any]:
     results: dict[str, list[int]] = {}
     total = sum(len(p) for p in job["prompts"])
     last = 0.0
+    reported = 0
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.finished:
                 results[out.request_id] = list(out.outputs[0].token_ids)
         if time.monotonic() - last > 2.0:
             last = time.monotonic()
-            _report(min(total, _computed_tokens(engine)), total)
+            # Finished requests leave the scheduler: the count of the ones still running can
+            # fall; the bar never steps back.
+            reported = max(reported, min(total, _computed_tokens(engine)))
+            _report(reported, total)
     _report(total, total)
     return {"token_ids": [results[r] for r in ids]}
 

@@ -145,6 +145,7 @@ def token_logprobs(
     snapshot: Path | None = None,
     snapshot_every: int = 0,
     stop_after_snapshots: int | None = None,
+    progress_every: float = 2.0,
 ) -> list[float] | None:
     """Log-probability of ``tokens[i + 1]`` given ``tokens[: i + 1]`` through vLLM under ``run``
     (``None``: stock vLLM). ``blocks``, when given, receives the KV blocks the stream held as it
@@ -157,7 +158,8 @@ def token_logprobs(
     continues exactly: the log-probs computed so far, the blocks the policy keeps with their
     contents in every layer, the quantization statistics (``eval/engine.py``,
     ``take_snapshot``). ``stop_after_snapshots`` interrupts the stream on purpose (returns
-    ``None``)."""
+    ``None``). ``progress_every``: seconds between ``progress(done, total)`` calls (0: every
+    engine step)."""
     dtype_bytes = 4 if dtype == "float32" else 2
     policy = None if run is None or run.policy == STOCK else run.policy
     bounded = run is not None and run.cache is not None
@@ -168,7 +170,7 @@ def token_logprobs(
                        max_model_len=None if bounded else len(tokens) + 16, quant=run.quant if run else None)
     tokens_held = (run.cache.sink_tokens + run.cache.window_tokens + 4 * chunk) if bounded else len(tokens) + 2 * chunk
     gib = tokens_held * kv_bytes_per_token(model, dtype_bytes) / 2**30 + 0.5
-    job = {"kind": "prompt_logprobs", "tokens": list(tokens)}
+    job = {"kind": "prompt_logprobs", "tokens": list(tokens), "report_every": progress_every}
     if snapshot is not None:
         job.update(snapshot=str(snapshot), snapshot_every=snapshot_every, stop_after_snapshots=stop_after_snapshots)
     result = run_job(kw, job, kv_cache_gib=gib, progress=progress)
