@@ -6,6 +6,8 @@ Prints, per op, the best of 3 rounds of the mean time over ``--iters`` calls, to
 and the ratio:
 
 * ``stage sinks``: the in-place decode's sink copies (``kernels/sink_in_place.py``), float32;
+* ``topk decode``: ``topk-importance``'s steady decode over each request's kept blocks
+  (``selected_decode_cpu``), float32;
 * ``INT4 decode``: one query per request over the quantized pages (``quant_sink_window_decode_cpu``);
 * ``INT4 store``: 8 decode tokens, one per block, with and without channel ranges growing.
 
@@ -48,6 +50,7 @@ def main() -> None:
     from vllm_kvstream.kernels.rope import Rope
     from vllm_kvstream.kernels.sink_decode import plan_decode
     from vllm_kvstream.kernels.sink_in_place import plan_in_place, stage_sinks_
+    from vllm_kvstream.kernels.topk_attention import evicted_after, plan_selected_decode, selected_decode_cpu
 
     if cpu_ext.library() is None:
         raise SystemExit("no C compiler (or VLLM_KVSTREAM_CPU_EXT=0): nothing to compare")
@@ -67,6 +70,24 @@ def main() -> None:
     t_torch = best(lambda: stage_sinks_(kv, plan, rope, compiled=False), args.iters)
     t_c = best(lambda: stage_sinks_(kv, plan, rope, compiled=True), args.iters)
     rows.append(("stage sinks (all values)", t_torch, t_c, t_c / t_torch))
+
+    # topk-importance's steady decode: 8 requests keeping 8 blocks each (sink block, 3 chosen
+    # blocks with gaps between them, 4 recent blocks), float32 cache, queries rotated back per block.
+    kept = torch.tensor([0, 3, 7, 12, 20, 21, 22, 23])
+    shift = (evicted_after(kept) * B).expand(E, -1).contiguous()
+    sel_blocks = torch.randperm(nb, generator=gen)[: E * 8].view(E, 8)
+    sel_plan = plan_selected_decode(torch.arange(E), torch.full((E,), 8), torch.full((E,), 37), width=8, block_size=B)
+    cs = rope.cos_sin(-shift.reshape(-1))
+    cs = (cs[0].view(E, 8, -1), cs[1].view(E, 8, -1))
+    sq = torch.randn(E, H * G, D, generator=gen)
+    sout = torch.zeros(E, H * G, D)
+
+    def selected(compiled):
+        return lambda: selected_decode_cpu(sq, kv, sel_plan, sel_blocks, shift, scale=0.125, rope=rope, out=sout,
+                                           shift_cos_sin=cs, compiled=compiled)
+
+    t_torch, t_c = best(selected(False), args.iters), best(selected(True), args.iters)
+    rows.append(("topk decode, 8 x 8 blocks", t_torch, t_c, t_c / t_torch))
 
     # INT4 pages (zero point, NF4 values), 8 requests x 9 pages.
     L = QuantLayout(bits=4, head_size=D, block_size=B, key_zero_point=True, value_levels="nf4")

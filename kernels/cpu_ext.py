@@ -1,7 +1,7 @@
 """Compiled CPU helpers, built on first use with the system C compiler and called through
 ctypes (no torch headers, so a build takes about a second).
 
-Three ops live here, each beside the torch path that stays its reference and fallback:
+Four ops live here, each beside the torch path that stays its reference and fallback:
 
 * ``csrc/stage_sinks.c``: the in-place decode's sink staging (``sink_in_place.py``): a
   handful of torch ops per layer and step (gather, rotate, transpose, vLLM's cache writer)
@@ -9,6 +9,10 @@ Three ops live here, each beside the torch path that stays its reference and fal
 * ``csrc/quant_decode.c``: one query per request over quantized pages (``kv_quant.py``,
   ``quant_sink_window_decode_cpu``), dequantize, rotate, score and accumulate fused, instead
   of dequantizing whole pages into float tensors first.
+* ``csrc/selected_decode.c``: ``topk-importance``'s steady decode (``topk_attention.py``,
+  ``selected_decode_cpu``): each request's kept blocks read in place, the query rotated back
+  per block, scores, one softmax, values and the mass per block, instead of a gather of the
+  kept blocks and batched matmuls over the copy.
 * ``csrc/quant_store.c``: the quantized store's decode case (``kv_quant.py``, ``_write_alone``:
   one token per block, ranges grown and earlier tokens re-encoded), the same bytes as torch.
 
@@ -37,7 +41,8 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("stage_sinks.c", "quant_decode.c", "quant_store.c")]
+_SOURCES = [Path(__file__).with_name("csrc") / name
+            for name in ("stage_sinks.c", "quant_decode.c", "quant_store.c", "selected_decode.c")]
 # -march=native: built on the machine that runs it (the name below hashes the CPU's model and
 # flags too, so a cache directory shared by other CPUs builds its own). -ffp-contract=off: no
 # fused multiply-adds, so the staging writes what torch's separate ops write, bit for bit.
@@ -45,6 +50,8 @@ _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-ffp-contract=off", "-std
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _QUANT_ARGS = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, ctypes.c_float, _PTR]
 _STORE_ARGS = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
+_SELECTED_ARGS = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64,
+                  ctypes.c_float, _PTR, _PTR]
 _STAGE_ARGS = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
 
 
@@ -102,12 +109,16 @@ def library() -> ctypes.CDLL | None:
     for name in ("kvs_stage_sinks_f32", "kvs_stage_sinks_bf16"):
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = _STAGE_ARGS, ctypes.c_int
+    for name in ("kvs_selected_decode_f32", "kvs_selected_decode_bf16"):
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = _SELECTED_ARGS, ctypes.c_int
     lib.kvs_quant_decode.argtypes, lib.kvs_quant_decode.restype = _QUANT_ARGS, ctypes.c_int
     lib.kvs_quant_store_alone.argtypes, lib.kvs_quant_store_alone.restype = _STORE_ARGS, ctypes.c_int
     return lib
 
 
 _STAGE_FN = {torch.float32: "kvs_stage_sinks_f32", torch.bfloat16: "kvs_stage_sinks_bf16"}
+_SELECTED_FN = {torch.float32: "kvs_selected_decode_f32", torch.bfloat16: "kvs_selected_decode_bf16"}
 
 
 def _check(name: str, status: int) -> None:
@@ -214,3 +225,33 @@ def quant_store_alone(cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.
     _check("kvs_quant_store_alone", library().kvs_quant_store_alone(
         cache.data_ptr(), cache.stride(0), cache.stride(1), words.data_ptr(), m, H, blocks.data_ptr(),
         offsets.data_ptr(), k.data_ptr(), v.data_ptr()))
+
+
+def selected_decode(query: torch.Tensor, kv_cache: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor,
+                    counts: torch.Tensor, tails: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                    *, rotary_dim: int, neox: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query per request over its kept blocks (see ``csrc/selected_decode.c``); call only
+    where :func:`can_stage` (the same cache layouts). ``query`` [T, heads, D], ``rows`` [B] its
+    rows; ``blocks`` [B, M] (read up to ``counts`` [B]; ``tails`` [B]: cached slots of the last);
+    ``cos``/``sin`` [B, M, rotary_dim // 2] of each block's ``-shift`` (``None``: no rotation).
+    Returns ``(out [B, heads, D], mass [B, M])`` float32."""
+    _, Hkv, bs, two_d = kv_cache.shape
+    D = two_d // 2
+    B, M = blocks.shape
+    q = query.index_select(0, rows.to(torch.long)).to(torch.float32).contiguous()
+    Hq = q.shape[1]
+    blocks = blocks.to(torch.int64).contiguous()
+    counts = counts.to(torch.int64).contiguous()
+    tails = tails.to(torch.int64).contiguous()
+    if cos is not None:
+        cos = cos.to(torch.float32).contiguous()
+        sin = sin.to(torch.float32).contiguous()
+    out = torch.empty(B, Hq, D, dtype=torch.float32)
+    mass = torch.empty(B, Hkv, M, dtype=torch.float32)
+    fn = getattr(library(), _SELECTED_FN[kv_cache.dtype])
+    _check(fn.__name__, fn(kv_cache.data_ptr(), kv_cache.stride(0), kv_cache.stride(1), Hkv, bs, D, q.data_ptr(), B, Hq,
+                           blocks.data_ptr(), M, counts.data_ptr(), tails.data_ptr(),
+                           cos.data_ptr() if cos is not None else None, sin.data_ptr() if sin is not None else None,
+                           rotary_dim if cos is not None else 0, int(neox), float(scale), out.data_ptr(),
+                           mass.data_ptr()))
+    return out, mass.sum(dim=1)

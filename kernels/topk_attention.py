@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_kvstream.kernels import cpu_ext
 from vllm_kvstream.kernels.rope import Rope
 
 
@@ -152,6 +153,7 @@ class SelectedDecodePlan:
 
     rows: torch.Tensor  # [B] long: query rows in the packed batch
     counts: torch.Tensor  # [B] long: kept blocks
+    tails: torch.Tensor  # [B] long: cached slots of the last kept block, the query's own included
     hidden: torch.Tensor  # [B, M, 1, 1, bs] bool: padding, and slots of the last block after the query
 
 
@@ -165,7 +167,7 @@ def plan_selected_decode(rows: torch.Tensor, counts: torch.Tensor, tails: torch.
     last = counts - 1
     slot = torch.arange(block_size)[None, None, :]
     visible = (idx < last[:, None])[:, :, None] | ((idx == last[:, None])[:, :, None] & (slot < tails[:, None, None]))
-    return SelectedDecodePlan(rows.to(torch.long), counts, ~visible[:, :, None, None, :])
+    return SelectedDecodePlan(rows.to(torch.long), counts, tails, ~visible[:, :, None, None, :])
 
 
 def selected_decode_cpu(
@@ -179,6 +181,7 @@ def selected_decode_cpu(
     rope: Rope | None,
     out: torch.Tensor,
     shift_cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
+    compiled: bool = True,
 ) -> torch.Tensor:
     """One decode query for each of B requests, each over its own selection, in one batch of
     ops (the per-request :func:`selected_attention_cpu` pays ~20 small ops per request and layer).
@@ -197,7 +200,26 @@ def selected_decode_cpu(
 
     Writes rows ``plan.rows`` of ``out``; returns the mass [B, M] (float32, 0 on padding): what
     :func:`selected_attention_cpu` returns for ``n = 1``, request by request.
+
+    With ``compiled`` and the C helper built (``cpu_ext.selected_decode``), one C pass reads
+    the kept blocks in place instead (no gather); it never reads padding or the slots after
+    the query, so those may hold anything. The torch ops below are its reference.
     """
+    if compiled and cpu_ext.can_stage(kv_cache):
+        cos = sin = None
+        if rope is not None and bool((shift > 0).any()):
+            if shift_cos_sin is None:
+                cos, sin = rope.cos_sin(-shift.reshape(-1).to(torch.long))
+                cos, sin = cos.view(*shift.shape, -1), sin.view(*shift.shape, -1)
+            else:
+                cos, sin = shift_cos_sin
+        o, mass = cpu_ext.selected_decode(
+            query, kv_cache, plan.rows, blocks, plan.counts, plan.tails, cos, sin,
+            rotary_dim=rope.rotary_dim if rope is not None else 0,
+            neox=rope.is_neox_style if rope is not None else True, scale=scale,
+        )
+        out.index_copy_(0, plan.rows, o.to(out.dtype))
+        return mass
     num_blocks, kv_heads, bs, two_d = kv_cache.shape
     head_size = two_d // 2
     num_heads = query.shape[1]

@@ -61,6 +61,43 @@ static inline uint16_t f2h(float f) {
     return (uint16_t)h;
 }
 
+/* bfloat16 <-> float32 (vLLM's bf16 caches). */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+/* exp(x) for x <= 0 (scores minus their running max): 2^(x log2 e) split into an integer
+ * power (exponent bits) and 2^f on [-0.5, 0.5] by a degree-6 polynomial, relative error
+ * below 2e-7 (expf's own is 1 ulp); inline, so the loops over slots vectorize. */
+static inline float exp_nonpos(float x) {
+    if (x < -87.0f) return 0.0f;
+    const float y = x * 1.4426950408889634f;
+    const float n = __builtin_floorf(y + 0.5f);
+    const float f = y - n;
+    float p = 1.5403530393381606e-4f;
+    p = p * f + 1.3333558146428443e-3f;
+    p = p * f + 9.6181291076284772e-3f;
+    p = p * f + 5.5504108664821580e-2f;
+    p = p * f + 2.4022650695910071e-1f;
+    p = p * f + 6.9314718055994531e-1f;
+    p = p * f + 1.0f;
+    const int32_t e = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &e, 4);
+    return p * scale;
+}
+
 /* A quantized page's layout (kernels/kv_quant.py, QuantLayout): byte offsets per (block, head). */
 typedef struct {
     int64_t bits, D, bs, S, n_out, zero_point, nf4, neox, code_bytes;

@@ -12,27 +12,6 @@
 #endif
 #include "kvstream_cpu.h"
 
-/* exp(x) for x <= 0 (scores minus their running max): 2^(x log2 e) split into an integer
- * power (exponent bits) and 2^f on [-0.5, 0.5] by a degree-6 polynomial, relative error
- * below 2e-7 (expf's own is 1 ulp); inline, so the loops over slots vectorize. */
-static inline float exp_nonpos(float x) {
-    if (x < -87.0f) return 0.0f;
-    const float y = x * 1.4426950408889634f;
-    const float n = __builtin_floorf(y + 0.5f);
-    const float f = y - n;
-    float p = 1.5403530393381606e-4f;
-    p = p * f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
-    p = p * f + 1.0f;
-    const int32_t e = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &e, 4);
-    return p * scale;
-}
-
 static const float NF4[16] = {
     -1.0f, -0.6961928009986877f, -0.5250730514526367f, -0.39491748809814453f, -0.28444138169288635f,
     -0.18477343022823334f, -0.09105003625154495f, 0.0f, 0.07958029955625534f, 0.16093020141124725f,

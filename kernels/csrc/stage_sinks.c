@@ -8,21 +8,6 @@
  * are distinct blocks (the plan guarantees it), so request by request is safe. */
 #include "kvstream_cpu.h"
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch does */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
-
 /* Per request: the source and destination offsets of each sink (one division each), then
  * per kv head and key row d a sequential sweep over the sinks (row d of a [D][B] block is
  * contiguous in tokens), then the value rows. */

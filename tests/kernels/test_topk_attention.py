@@ -118,17 +118,30 @@ def test_evicted_after_and_key_norms():
     assert block_key_norms(kc, torch.tensor([2, 1])).tolist() == [2.0, 3.0]
 
 
+def _compiled_param():
+    from vllm_kvstream.kernels import cpu_ext
+
+    return pytest.param(True, marks=pytest.mark.skipif(cpu_ext.library() is None, reason="no C compiler"))
+
+
 @pytest.mark.parametrize(("hq", "hkv", "d", "bs"), [(4, 2, 16, 4), (3, 3, 24, 8), (6, 2, 8, 5)])
-@pytest.mark.parametrize("use_rope", [True, False])
-def test_batched_decode_matches_reference_per_request(hq, hkv, d, bs, use_rope):
+@pytest.mark.parametrize("rope_kind", ["neox", "gptj", "partial", None])
+@pytest.mark.parametrize("compiled", [False, _compiled_param()], ids=["torch", "C"])
+def test_batched_decode_matches_reference_per_request(hq, hkv, d, bs, rope_kind, compiled):
     """B requests with different selections (gaps, no gaps, one block, a full last block),
-    shuffled physical blocks, NaN in every block no request keeps, finite garbage in the
-    unwritten tails of kept blocks (what a reused block holds): one batched call equals the
-    reference run request by request."""
+    shuffled physical blocks, NaN in every block no request keeps, garbage in the unwritten
+    tails of kept blocks (what a reused block holds: finite for the torch ops, which weight
+    it 0; NaN for the C pass, which never reads it): one batched call equals the reference run
+    request by request."""
     from vllm_kvstream.kernels import plan_selected_decode, selected_decode_cpu
 
     gen = torch.Generator().manual_seed(hq * 100 + bs)
-    rope = Rope.from_base(d, 10000.0, 512) if use_rope else None
+    rope = {
+        "neox": lambda: Rope.from_base(d, 10000.0, 512),
+        "gptj": lambda: Rope.from_base(d, 10000.0, 512, is_neox_style=False),
+        "partial": lambda: Rope.from_base(d // 2, 10000.0, 512),
+        None: lambda: None,
+    }[rope_kind]()
     cases = [  # (kept logical blocks, cached tokens incl. the query)
         ([0, 3, 4, 9, 10, 11], 11 * bs + 2),
         ([0, 1, 2], 2 * bs + 1),
@@ -147,7 +160,8 @@ def test_batched_decode_matches_reference_per_request(hq, hkv, d, bs, use_rope):
     phys_all, shifts, counts, tails, masses = [], [], [], [], []
     for (kept, L), row in zip(cases, rows):
         phys = torch.tensor([free.pop() for _ in kept])
-        kv[phys] = 1e3 * torch.randn(len(kept), hkv, bs, 2 * d, generator=gen)  # stale, finite
+        stale = 1e3 * torch.randn(len(kept), hkv, bs, 2 * d, generator=gen)
+        kv[phys] = stale.fill_(float("nan")) if compiled else stale
         for j, b in enumerate(kept):
             t = torch.arange(b * bs, min(L, (b + 1) * bs))
             write_kv_ref(torch.randn(len(t), hkv, d, generator=gen), torch.randn(len(t), hkv, d, generator=gen),
@@ -165,8 +179,43 @@ def test_batched_decode_matches_reference_per_request(hq, hkv, d, bs, use_rope):
     blocks = torch.stack([torch.cat((p, p[:1].expand(width - len(p)))) for p in phys_all])  # pad: own first block
     shift = torch.nn.utils.rnn.pad_sequence(shifts, batch_first=True)
     plan = plan_selected_decode(torch.tensor(rows), torch.tensor(counts), torch.tensor(tails), width=width, block_size=bs)
-    got_mass = selected_decode_cpu(query, kv, plan, blocks, shift, scale=0.3, rope=rope, out=out)
+    got_mass = selected_decode_cpu(query, kv, plan, blocks, shift, scale=0.3, rope=rope, out=out, compiled=compiled)
     torch.testing.assert_close(out, expected, atol=2e-5, rtol=2e-5)  # untouched rows stay 7.0
     for i, mass in enumerate(masses):
         torch.testing.assert_close(got_mass[i, : counts[i]], mass, atol=2e-5, rtol=2e-5)
         assert not got_mass[i, counts[i] :].any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_decode_matches_torch_on_cache_dtypes(dtype):
+    """The C pass against the torch ops on the same cache, in vLLM's cache dtypes (both read
+    the stored values, so only the summation order differs), with ragged selections, shifts
+    and a padded batch."""
+    from vllm_kvstream.kernels import cpu_ext, plan_selected_decode, selected_decode_cpu
+
+    if cpu_ext.library() is None:
+        pytest.skip("no C compiler")
+    gen = torch.Generator().manual_seed(3)
+    hq, hkv, d, bs = 9, 3, 64, 16
+    rope = Rope.from_base(d, 100000.0, 4096)
+    kv = torch.randn(40, hkv, bs, 2 * d, generator=gen).to(dtype)
+    kept = [[0, 3, 4, 9, 10], [0, 1], [0, 5, 6, 7, 8, 9, 12, 13]]
+    lens = [10 * bs + 5, 2 * bs, 13 * bs + 1]
+    width = max(map(len, kept))
+    perm = torch.randperm(40, generator=gen)
+    blocks = torch.stack([torch.cat((perm[i * 8 : i * 8 + len(k)], perm[i * 8 : i * 8 + 1].expand(width - len(k))))
+                          for i, k in enumerate(kept)])
+    shift = torch.nn.utils.rnn.pad_sequence([evicted_after(torch.tensor(k)) * bs for k in kept], batch_first=True)
+    rows = torch.tensor([1, 0, 2])
+    plan = plan_selected_decode(rows, torch.tensor([len(k) for k in kept]),
+                                torch.tensor([L - k[-1] * bs for k, L in zip(kept, lens)]), width=width, block_size=bs)
+    query = torch.randn(3, hq, d, generator=gen)
+    outs, masses = [], []
+    for compiled in (False, True):
+        out = torch.zeros(3, hq, d, dtype=dtype)
+        masses.append(selected_decode_cpu(query, kv, plan, blocks, shift, scale=0.125, rope=rope, out=out,
+                                          compiled=compiled))
+        outs.append(out.float())
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16: the output's own rounding
+    torch.testing.assert_close(outs[1], outs[0], atol=tol, rtol=tol)
+    torch.testing.assert_close(masses[1], masses[0], atol=1e-5, rtol=1e-5)
