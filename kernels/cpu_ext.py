@@ -50,8 +50,8 @@ _FLAGS = ["-O3", "-march=native", "-shared", "-fPIC", "-ffp-contract=off", "-std
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _QUANT_ARGS = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, ctypes.c_float, _PTR]
 _STORE_ARGS = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
-_SELECTED_ARGS = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _I64,
-                  ctypes.c_float, _PTR, _PTR]
+_SELECTED_ARGS = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR,
+                  _I64, _I64, ctypes.c_float, _PTR, _I64, _PTR, _PTR]
 _STAGE_ARGS = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
 
 
@@ -227,31 +227,44 @@ def quant_store_alone(cache: torch.Tensor, blocks: torch.Tensor, offsets: torch.
         offsets.data_ptr(), k.data_ptr(), v.data_ptr()))
 
 
+def _rows_f32(x: torch.Tensor) -> bool:
+    """``x`` [T, heads, D] float32 on CPU with each token's heads dense (the C pass indexes rows)."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and x.stride(2) == 1 and x.stride(1) == x.shape[2]
+
+
+def _i64(x: torch.Tensor) -> torch.Tensor:
+    return x if x.dtype == torch.int64 and x.is_contiguous() else x.to(torch.int64).contiguous()
+
+
 def selected_decode(query: torch.Tensor, kv_cache: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor,
                     counts: torch.Tensor, tails: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                    *, rotary_dim: int, neox: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                    out: torch.Tensor, *, rotary_dim: int, neox: bool, scale: float) -> torch.Tensor:
     """One query per request over its kept blocks (see ``csrc/selected_decode.c``); call only
-    where :func:`can_stage` (the same cache layouts). ``query`` [T, heads, D], ``rows`` [B] its
-    rows; ``blocks`` [B, M] (read up to ``counts`` [B]; ``tails`` [B]: cached slots of the last);
-    ``cos``/``sin`` [B, M, rotary_dim // 2] of each block's ``-shift`` (``None``: no rotation).
-    Returns ``(out [B, heads, D], mass [B, M])`` float32."""
+    where :func:`can_stage` (the same cache layouts). ``query`` [T, heads, D], ``rows`` [B]
+    its rows, written into the same rows of ``out`` (``query``'s shape); ``blocks`` [B, M]
+    (read up to ``counts`` [B]; ``tails`` [B]: cached slots of the last); ``cos``/``sin``
+    [B, M, rotary_dim // 2] of each block's ``-shift`` (``None``: no rotation). Returns the
+    mass [B, M] float32."""
     _, Hkv, bs, two_d = kv_cache.shape
     D = two_d // 2
     B, M = blocks.shape
-    q = query.index_select(0, rows.to(torch.long)).to(torch.float32).contiguous()
+    rows = _i64(rows)
+    q = query if _rows_f32(query) else query.to(torch.float32).contiguous()
+    direct = _rows_f32(out)
+    o = out if direct else torch.empty(out.shape, dtype=torch.float32)
     Hq = q.shape[1]
-    blocks = blocks.to(torch.int64).contiguous()
-    counts = counts.to(torch.int64).contiguous()
-    tails = tails.to(torch.int64).contiguous()
+    blocks, counts, tails = _i64(blocks), _i64(counts), _i64(tails)
     if cos is not None:
         cos = cos.to(torch.float32).contiguous()
         sin = sin.to(torch.float32).contiguous()
-    out = torch.empty(B, Hq, D, dtype=torch.float32)
-    mass = torch.empty(B, Hkv, M, dtype=torch.float32)
+    heads_mass = torch.empty(B, Hkv, M, dtype=torch.float32)
+    mass = torch.empty(B, M, dtype=torch.float32)
     fn = getattr(library(), _SELECTED_FN[kv_cache.dtype])
-    _check(fn.__name__, fn(kv_cache.data_ptr(), kv_cache.stride(0), kv_cache.stride(1), Hkv, bs, D, q.data_ptr(), B, Hq,
-                           blocks.data_ptr(), M, counts.data_ptr(), tails.data_ptr(),
+    _check(fn.__name__, fn(kv_cache.data_ptr(), kv_cache.stride(0), kv_cache.stride(1), Hkv, bs, D, q.data_ptr(),
+                           q.stride(0), rows.data_ptr(), B, Hq, blocks.data_ptr(), M, counts.data_ptr(), tails.data_ptr(),
                            cos.data_ptr() if cos is not None else None, sin.data_ptr() if sin is not None else None,
-                           rotary_dim if cos is not None else 0, int(neox), float(scale), out.data_ptr(),
-                           mass.data_ptr()))
-    return out, mass.sum(dim=1)
+                           rotary_dim if cos is not None else 0, int(neox), float(scale), o.data_ptr(), o.stride(0),
+                           heads_mass.data_ptr(), mass.data_ptr()))
+    if not direct:
+        out.index_copy_(0, rows, o.index_select(0, rows).to(out.dtype))
+    return mass

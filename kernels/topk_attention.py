@@ -213,13 +213,11 @@ def selected_decode_cpu(
                 cos, sin = cos.view(*shift.shape, -1), sin.view(*shift.shape, -1)
             else:
                 cos, sin = shift_cos_sin
-        o, mass = cpu_ext.selected_decode(
-            query, kv_cache, plan.rows, blocks, plan.counts, plan.tails, cos, sin,
+        return cpu_ext.selected_decode(
+            query, kv_cache, plan.rows, blocks, plan.counts, plan.tails, cos, sin, out,
             rotary_dim=rope.rotary_dim if rope is not None else 0,
             neox=rope.is_neox_style if rope is not None else True, scale=scale,
         )
-        out.index_copy_(0, plan.rows, o.to(out.dtype))
-        return mass
     num_blocks, kv_heads, bs, two_d = kv_cache.shape
     head_size = two_d // 2
     num_heads = query.shape[1]

@@ -185,14 +185,16 @@ ACC_FN(acc_f32, float, load_f32, loadv_f32)
 ACC_FN(acc_bf16, uint16_t, load_bf16, loadv_bf16)
 
 /* cache: [blocks][kv heads][2][D * bs] in elements (strides given), keys [D][bs] then values
- * [bs][D]; query [R][Hq][D] float32; blocks [R][M]; counts, tails [R]; cosv/sinv [R][M][rd/2]
- * the rotation by -shift of each kept block (NULL: no rotation); out [R][Hq][D]; mass
- * [R][Hkv][M] (this kv head's share; 0 past counts[r]). */
+ * [bs][D]; query float32, request r's at query + rows[r] * q_stride, [Hq][D]; blocks [R][M];
+ * counts, tails [R]; cosv/sinv [R][M][rd/2] the rotation by -shift of each kept block (NULL:
+ * no rotation); out float32, request r's at out + rows[r] * o_stride; heads_mass [R][Hkv][M]
+ * scratch (each kv head's share), mass [R][M] their sum (0 past counts[r]). */
 #define SELECTED(NAME, T, SCORE, ACC)                                                                       \
     int NAME(const T *cache, int64_t block_stride, int64_t head_stride, int64_t Hkv, int64_t bs,        \
-              int64_t D, const float *query, int64_t R, int64_t Hq, const int64_t *blocks, int64_t M,     \
-              const int64_t *counts, const int64_t *tails, const float *cosv, const float *sinv,         \
-              int64_t rd, int64_t neox, float scale, float *out, float *mass) {                         \
+              int64_t D, const float *query, int64_t q_stride, const int64_t *rows, int64_t R,            \
+              int64_t Hq, const int64_t *blocks, int64_t M, const int64_t *counts, const int64_t *tails,  \
+              const float *cosv, const float *sinv, int64_t rd, int64_t neox, float scale, float *out,    \
+              int64_t o_stride, float *heads_mass, float *mass) {                                         \
         const int64_t G = Hq / Hkv, half_rd = rd / 2;                                                 \
         const int64_t per_thread = M * G * bs + 2 * G * D + 2 * G + M * G;                         \
         float *scratch = (float *)malloc(sizeof(float) * per_thread * max_threads());                 \
@@ -205,7 +207,7 @@ ACC_FN(acc_bf16, uint16_t, load_bf16, loadv_bf16)
         _Pragma("omp for schedule(static)")                                                           \
         for (int64_t rh = 0; rh < R * Hkv; rh++) {                                                    \
             const int64_t r = rh / Hkv, h = rh % Hkv, m = counts[r];                                  \
-            const float *q = query + (r * Hq + h * G) * D;                                            \
+            const float *q = query + rows[r] * q_stride + h * G * D;                                  \
             for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;                                        \
             for (int64_t j = 0; j < m; j++) { /* pass 1: scores and their max */                      \
                 const int64_t n = j == m - 1 ? tails[r] : bs;                                         \
@@ -242,12 +244,12 @@ ACC_FN(acc_bf16, uint16_t, load_bf16, loadv_bf16)
                 for (int64_t g = 0; g < G; g++) ACC(vb, D, n, sc + (j * G + g) * bs, acc + g * D);    \
             }                                                                                         \
             for (int64_t g = 0; g < G; g++) {                                                         \
-                float *o = out + (r * Hq + h * G + g) * D;                                            \
+                float *o = out + rows[r] * o_stride + (h * G + g) * D;                                \
                 const float inv = l[g] > 0.0f ? 1.0f / l[g] : 0.0f;                                   \
                 for (int64_t c = 0; c < D; c++) o[c] = acc[g * D + c] * inv;                          \
                 l[g] = inv;                                                                           \
             }                                                                                         \
-            float *ms = mass + (r * Hkv + h) * M;                                                     \
+            float *ms = heads_mass + (r * Hkv + h) * M;                                               \
             for (int64_t j = 0; j < M; j++) {                                                         \
                 float total = 0.0f;                                                                   \
                 if (j < m)                                                                            \
@@ -256,6 +258,12 @@ ACC_FN(acc_bf16, uint16_t, load_bf16, loadv_bf16)
             }                                                                                         \
         }                                                                                             \
         }                                                                                             \
+        for (int64_t r = 0; r < R; r++) /* kv heads in order: the same sum at any thread count */      \
+            for (int64_t j = 0; j < M; j++) {                                                         \
+                float total = 0.0f;                                                                   \
+                for (int64_t h = 0; h < Hkv; h++) total += heads_mass[(r * Hkv + h) * M + j];         \
+                mass[r * M + j] = total;                                                              \
+            }                                                                                         \
         free(scratch);                                                                                \
         return 0;                                                                                     \
     }

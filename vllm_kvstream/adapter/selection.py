@@ -53,6 +53,7 @@ once): it works on tensors and lists the attention backend passes in.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -74,6 +75,7 @@ from vllm_kvstream.policies.base import cdiv
 #: Recorded queries (per request and layer) scored together at the latest: bounds what a
 #: request waiting inside its budget holds (``MASS_BATCH x heads x head_size`` floats a layer).
 MASS_BATCH = 16
+_PLAN_IDS = itertools.count()
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,10 @@ class LayerSelection:
     def location(self, logical: int, row: tuple[int, ...]) -> int:
         return self.moved.get(logical, row[logical])
 
+    #: Serial of ``plan`` (a new one each time it is rebuilt): the batched path's cache of
+    #: the stacked plans of a step's requests is keyed by these.
+    plan_id: int = -1
+
     def decode_plan(self, row: tuple[int, ...], block_size: int, rope: Rope | None) -> tuple:
         if self.plan is None:
             kept = self.selection.kept
@@ -128,6 +134,7 @@ class LayerSelection:
             shift = evicted_after(torch.tensor(kept)) * block_size
             cs = rope.cos_sin(-shift) if rope is not None else None
             self.plan = (phys, shift, cs)
+            self.plan_id = next(_PLAN_IDS)
         return self.plan
 
 
@@ -161,6 +168,9 @@ class SelectionStore:
         self.recorded_steps = 0
         self._plan_key: tuple | None = None
         self._plan = None
+        #: Per layer: the stacked ``(blocks, shift, cos_sin)`` of the last steady batch, keyed
+        #: by its requests' plan serials (they change only when a selection does).
+        self._stacked: dict[str, tuple] = {}
 
     def _is_steady(self, req: SelectRequest) -> bool:
         """A decode step at ``a = seq_len - 1`` after which nothing but scores changes: no block
@@ -281,7 +291,7 @@ class SelectionStore:
             layer.selection.evict(req.seq_len)
             self._relocate(layer, req, kv_cache)
         if steady:
-            self._decode_steady(steady, query, kv_cache, scale=scale, rope=rope, out=out)
+            self._decode_steady(layer_name, steady, query, kv_cache, scale=scale, rope=rope, out=out)
 
     def _over_ranks(self, mass: torch.Tensor) -> torch.Tensor:
         """Attention mass of this rank's heads -> of every head (one decision on every rank)."""
@@ -299,18 +309,13 @@ class SelectionStore:
     def _selected_attention(self, query, kv_cache, blocks, logical, **kwargs) -> torch.Tensor:
         return selected_attention(query, kv_cache, blocks, logical, **kwargs)
 
-    def _decode_steady(self, steady, query, kv_cache, *, scale, rope, out) -> None:
+    def _decode_steady(self, layer_name, steady, query, kv_cache, *, scale, rope, out) -> None:
         """Steady decode steps (:meth:`_is_steady`) of every request at once: one batched
         attention over each request's kept blocks, then the mass into each selection."""
         bs = self.block_size
         self.steady_steps += len(steady)
-        phys, shifts, angles = [], [], []
-        for req, layer in steady:
-            p, sh, cs = layer.decode_plan(req.row, bs, rope)
-            phys.append(p)
-            shifts.append(sh)
-            angles.append(cs)
-        counts = tuple(len(p) for p in phys)
+        plans = [layer.decode_plan(req.row, bs, rope) for req, layer in steady]
+        counts = tuple(len(layer.selection.kept) for _, layer in steady)
         tails = tuple(req.seq_len - layer.selection.kept[-1] * bs for req, layer in steady)
         rows = tuple(req.q_start for req, _ in steady)
         width = max(counts)
@@ -320,18 +325,13 @@ class SelectionStore:
             self._plan = plan_selected_decode(
                 torch.tensor(rows), torch.tensor(counts), torch.tensor(tails), width=width, block_size=bs
             )
-        cos_sin = None
-        if len(phys) == 1:
-            blocks, shift = phys[0][None], shifts[0][None]
-            if rope is not None:
-                cos_sin = (angles[0][0][None], angles[0][1][None])
-        elif min(counts) == width:
-            blocks, shift = torch.stack(phys), torch.stack(shifts)
-            if rope is not None:
-                cos_sin = (torch.stack([c for c, _ in angles]), torch.stack([s for _, s in angles]))
-        else:  # pad with each request's first kept block (held, so finite), shift 0
-            blocks = torch.stack([torch.cat((p, p[:1].expand(width - len(p)))) for p in phys])
-            shift = torch.stack([torch.cat((sh, sh.new_zeros(width - len(sh)))) for sh in shifts])
+        serials = (rows, tuple(layer.plan_id for _, layer in steady))
+        cached = self._stacked.get(layer_name)
+        if cached is not None and cached[0] == serials:
+            blocks, shift, cos_sin = cached[1:]
+        else:
+            blocks, shift, cos_sin = self._stack(plans, counts, width, rope)
+            self._stacked[layer_name] = (serials, blocks, shift, cos_sin)
         mass = selected_decode_cpu(
             query, kv_cache, self._plan, blocks, shift, scale=scale, rope=rope, out=out, shift_cos_sin=cos_sin
         )
@@ -341,6 +341,22 @@ class SelectionStore:
             if masses is not None:
                 sel.add_mass(dict(zip(sel.kept, masses[i])), queries=1)
             sel.extend(req.seq_len)
+
+    @staticmethod
+    def _stack(plans, counts, width, rope):
+        """The step's per-request plans as ``[B, M]`` blocks and shifts (and their angles where
+        every request keeps as many blocks)."""
+        cos_sin = None
+        phys = [p for p, _, _ in plans]
+        shifts = [sh for _, sh, _ in plans]
+        if min(counts) == width:
+            blocks, shift = torch.stack(phys), torch.stack(shifts)
+            if rope is not None:
+                cos_sin = (torch.stack([cs[0] for _, _, cs in plans]), torch.stack([cs[1] for _, _, cs in plans]))
+        else:  # pad with each request's first kept block (held, so finite), shift 0
+            blocks = torch.stack([torch.cat((p, p[:1].expand(width - len(p)))) for p in phys])
+            shift = torch.stack([torch.cat((sh, sh.new_zeros(width - len(sh)))) for sh in shifts])
+        return blocks, shift, cos_sin
 
     def _attend(self, layer, req, query, kv_cache, key_cache, *, scale, rope, out) -> None:
         sel, bs = layer.selection, self.block_size
