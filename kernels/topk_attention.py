@@ -202,8 +202,8 @@ def selected_decode_cpu(
     :func:`selected_attention_cpu` returns for ``n = 1``, request by request.
 
     With ``compiled`` and the C helper built (``cpu_ext.selected_decode``), one C pass reads
-    the kept blocks in place instead (no gather); it never reads padding or the slots after
-    the query, so those may hold anything. The torch ops below are its reference.
+    the kept blocks in place instead (no gather); padding blocks are never dereferenced and
+    the slots after the query never enter the result, so those may hold anything. The torch ops below are its reference.
     """
     if compiled and cpu_ext.can_stage(kv_cache):
         cos = sin = None

@@ -4,9 +4,10 @@
  * group's queries are rotated back by the block's shift (<R(-s) q, k> = <q, R(s) k>: m x heads
  * vectors instead of m x block_size keys), scored against the block's stored transposed keys
  * [D][bs], then one softmax over every kept slot (two passes: the max, then exponentials,
- * values and per-block sums). Padding blocks past counts[r] and the slots of the last block
- * after the query (tails[r] slots are cached) are never read, so their contents (stale ids,
- * NaN) cannot leak in. Built by kernels/cpu_ext.py, called through ctypes; the torch path is
+ * values and per-block sums). Padding blocks past counts[r] are never dereferenced; the
+ * slots of the last block after the query (tails[r] slots are cached) may be loaded into
+ * vector lanes that are then dropped, never into a score, weight or value, so their contents
+ * (stale data, NaN) cannot leak in. Built by kernels/cpu_ext.py, called through ctypes; the torch path is
  * the reference it is tested against. */
 /* Fused multiply-adds allowed here (the build's -ffp-contract=off is for stage_sinks.c). */
 #if defined(__clang__)
