@@ -329,7 +329,14 @@ def _decode_range(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits:
 def _encode_nf4(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """Nearest NF4 level of ``x / absmax`` (ties to the upper level), as uint8 codes 0..15."""
     y = x / torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-    return (y[..., None] >= NF4_EDGES.to(x.device)).sum(dim=-1).to(torch.uint8)
+    # The number of edges at or below y, counted edge by edge into uint8 (a [..., 15]
+    # comparison tensor summed was the prefill store's largest cost; bucketize's binary
+    # search is slower still on CPU). NaN is at or above no edge: code 0, as the C and Triton
+    # stores count it.
+    codes = torch.zeros(y.shape, dtype=torch.uint8, device=y.device)
+    for edge in NF4_EDGES.tolist():
+        codes.add_(y >= edge)
+    return codes
 
 
 def _decode_nf4(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -525,8 +532,10 @@ def quant_write_cpu(
     not their first and not a sink, in one set of torch ops for all of them (a step's decode
     tokens, one per request), re-encoding in the same ops the earlier tokens of those whose
     channel range grew; with ``compiled`` and the C helper built, in one C pass
-    (``csrc/quant_store.c``). Every other block (a block's start, a prefill chunk, sinks, per-token
-    key scales) takes the reference's loop. The same bytes as the reference (tested)."""
+    (``csrc/quant_store.c``). The blocks a write fills whole with no sink among their tokens
+    (a prefill chunk's inner blocks) are encoded together too (:func:`_write_whole`). Every
+    other block (a block's start or end inside a chunk, sinks, per-token key scales) takes the
+    reference's loop. The same bytes as the reference (tested)."""
     L = layout
     n = slots.numel()
     # The torch ops pay off from two tokens on; the C pass from one (a single stream's decode).
@@ -545,21 +554,69 @@ def quant_write_cpu(
     alone[1:] &= ~same
     alone[:-1] &= ~same
     batched = alone & (offsets > 0) & (positions >= L.sink_tokens)
-    if int(batched.sum()) < least:
+    # Blocks this write fills whole (a prefill chunk's inner blocks; slots are distinct, so
+    # block_size tokens of one block are its every slot), none of their tokens a sink: their
+    # own channel ranges, encoded together (_write_whole).
+    ub, inv, cnt = torch.unique(blocks, return_inverse=True, return_counts=True)
+    sinks_in = torch.zeros(len(ub), dtype=torch.long).index_add_(0, inv, (positions < L.sink_tokens).long())
+    whole_blk = (cnt == bs) & (sinks_in == 0)
+    whole = whole_blk[inv]
+    if int(batched.sum()) < least and not bool(whole_blk.any()):
         quant_write_ref(key, value, cache, slots, positions, stats, L, rope=rope, is_neox_style=is_neox_style)
         return
     neox = _pairing(is_neox_style, rope)
     k, v = _pre_rope(key, value, positions, rope)
     is_sink = _sinks_and_stats(k, positions, stats, L)
     view = PageView(cache, L)
-    rest = torch.nonzero(~batched).flatten()
+    if bool(whole_blk.any()):
+        rank = torch.cumsum(whole_blk.long(), 0) - 1  # whole block -> its row
+        w = torch.nonzero(whole).flatten()
+        order = torch.empty(int(whole_blk.sum()), bs, dtype=torch.long)
+        order[rank[inv[w]], offsets[w]] = w
+        _write_whole(view, ub[whole_blk], k[order], v[order], L, neox)
+    if int(batched.sum()) < least:  # a lone decode token among them: the reference's loop
+        batched = torch.zeros_like(batched)
+    rest = torch.nonzero(~batched & ~whole).flatten()
     if len(rest):
         _write_blocks(view, blocks[rest], offsets[rest], k[rest], v[rest], is_sink[rest], stats, L, neox)
     idx = torch.nonzero(batched).flatten()
+    if not len(idx):
+        return
     if use_c:  # csrc/quant_store.c: the same bytes as _write_alone
         cpu_ext.quant_store_alone(cache, blocks[idx], offsets[idx], k[idx], v[idx], L, neox=neox)
     else:
         _write_alone(view, blocks[idx], offsets[idx], k[idx], v[idx], L, neox)
+
+
+def _write_whole(view, b, kb, vb, L: QuantLayout, neox: bool) -> None:
+    """Blocks ``b`` ``[m]`` written whole, no sinks among their tokens: ``kb``, ``vb``
+    ``[m, bs, H, D]`` (keys pre-RoPE) in slot order. :func:`_write_blocks`'s store for a block
+    started and filled by one write (its own channel range, outlier channels chosen from it,
+    the sink section cleared), for all of them in one set of ops: the same bytes."""
+    view.sink_k[b] = 128
+    view.sink_scale[b] = 0.0
+    if L.key_zero_point:
+        lo, hi = kb.amin(dim=1), kb.amax(dim=1)  # [m, H, D]
+    else:
+        hi = kb.abs().amax(dim=1)
+        lo = -hi
+    lo, hi = lo.half().float(), hi.half().float()
+    fill = 0 if L.key_zero_point else L.qmax + 1
+    codes = _encode_keys(kb, lo[:, None], hi[:, None], L)  # [m, bs, H, D]
+    if L.n_out:
+        idx = torch.topk(hi - lo, L.n_out, dim=-1).indices  # [m, H, n_out]
+        view.out_idx[b] = idx.to(torch.uint8)
+        gidx = idx[:, None].expand(-1, L.block_size, -1, -1)
+        codes.scatter_(3, gidx, fill)
+        out_abs = torch.gather(torch.maximum(hi, -lo), 2, idx)
+        view.out_k[b] = _encode(torch.gather(kb, 3, gidx), out_abs[:, None], 127).permute(0, 2, 1, 3)
+    view.k_scale[b] = hi.half()
+    if L.key_zero_point:
+        view.k_zero[b] = lo.half()
+    view.k_codes[b] = pack_codes(codes, L, neox).permute(0, 2, 1, 3)
+    v_abs = vb.abs().amax(dim=-1)  # [m, bs, H]
+    view.v_scale[b] = v_abs.half().permute(0, 2, 1)
+    view.v_codes[b] = pack_codes(_encode_values(vb, v_abs.half().float()[..., None], L), L, neox).permute(0, 2, 1, 3)
 
 
 def _write_alone(view, b, off, kb, vb, L: QuantLayout, neox: bool) -> None:

@@ -549,6 +549,9 @@ def test_batched_cpu_store_writes_the_reference_bytes(bits, layout, D, H, bs, ne
         writes.append([(r, torch.tensor([lens[r] + i])) for r in order])
     for i in range(steps, steps + bs):  # then one token per call (a single stream's decode)
         writes += [[(r, torch.tensor([lens[r] + i]))] for r in range(streams)]
+    # Then a prefill chunk per stream, all in one call: a block's end, whole blocks, a block's start.
+    start = [n + steps + bs for n in lens]
+    writes.append([(r, torch.arange(start[r], start[r] + 3 * bs + 2)) for r in range(streams)])
     ref, got = cache.clone(), cache.clone()
     s_ref, s_got = QuantStats.empty(H, D), QuantStats.empty(H, D)
     grown = batched = 0
