@@ -9,7 +9,9 @@ and the ratio:
 * ``topk decode``: ``topk-importance``'s steady decode over each request's kept blocks
   (``selected_decode_cpu``), float32;
 * ``INT4 decode``: one query per request over the quantized pages (``quant_sink_window_decode_cpu``);
-* ``INT4 store``: 8 decode tokens, one per block, with and without channel ranges growing.
+* ``INT4 store``: 8 decode tokens, one per block, with and without channel ranges growing;
+* ``INT4 prefill store``: a 2048-token chunk, the reference's block loop against the store's
+  whole-block path (both torch: the row's "C" column is the batched torch form).
 
     python examples/bench_cpu_helpers.py [--iters 50] [--threads 2]
 """
@@ -46,6 +48,7 @@ def main() -> None:
         QuantStats,
         quant_sink_window_decode_cpu,
         quant_write_cpu,
+        quant_write_ref,
     )
     from vllm_kvstream.kernels.rope import Rope
     from vllm_kvstream.kernels.sink_decode import plan_decode
@@ -133,6 +136,21 @@ def main() -> None:
                 quant_write_cpu(ks[i], vs[i], cache, srows[:, 0] * B + pos % B, pos, st, L, rope=rope, compiled=compiled)
             times.append((time.perf_counter() - t) / 20 * 1e3)
         rows.append((label, times[0], times[1], times[1] / times[0]))
+
+    # INT4 prefill store: one 2048-token chunk past the sinks (16 whole blocks), the reference's
+    # block-by-block loop against quant_write_cpu (whole blocks encoded together; torch both).
+    T, first = 2048, 8192
+    ppos = torch.arange(first, first + T)
+    pk = rope.rotate(torch.randn(T, H, D, generator=gen), ppos)
+    pv = torch.randn(T, H, D, generator=gen)
+    prow = torch.randperm(400, generator=gen)[:100]
+    pslots = prow[ppos // B] * B + ppos % B
+    pcache = torch.zeros(400, H, L.head_bytes, dtype=torch.uint8)
+    t_loop = best(lambda: quant_write_ref(pk, pv, pcache, pslots, ppos, QuantStats.empty(H, D), L, rope=rope),
+                  max(1, args.iters // 10))
+    t_whole = best(lambda: quant_write_cpu(pk, pv, pcache, pslots, ppos, QuantStats.empty(H, D), L, rope=rope),
+                   max(1, args.iters // 10))
+    rows.append(("INT4 prefill store, 2048 tokens (loop -> whole blocks, torch)", t_loop, t_whole, t_whole / t_loop))
 
     lines = [f"| {rows[0][0]} | {rows[0][1]} | {rows[0][2]} | {rows[0][3]} |", "|---|---|---|---|"]
     lines += [f"| {op} | {a:.3f} | {b:.3f} | {r:.2f} |" for op, a, b, r in rows[1:]]
