@@ -111,6 +111,17 @@ static inline float put_lanes(vf a, int64_t w, float scale, float best, float *r
 
 static inline int64_t clamp_lanes(int64_t left) { return left < 0 ? 0 : (left < TB ? left : TB); }
 
+/* A[0..3] += X * the four consecutive vectors at P: independent accumulators, so the
+ * multiply-adds overlap instead of waiting on each other. */
+#define FMA4(A, X, P, LOADV)                  \
+    do {                                      \
+        const float x_ = (X);                 \
+        (A)[0] += x_ * LOADV(P);              \
+        (A)[1] += x_ * LOADV((P) + TB);       \
+        (A)[2] += x_ * LOADV((P) + 2 * TB);   \
+        (A)[3] += x_ * LOADV((P) + 3 * TB);   \
+    } while (0)
+
 /* Four tiles at a time where they fit (four independent accumulators hide the multiply-add
  * latency), then single tiles, then slot by slot. */
 #define SCORE_FN(NAME, T, LOAD, LOADV)                                                            \
@@ -118,19 +129,12 @@ static inline int64_t clamp_lanes(int64_t left) { return left < 0 ? 0 : (left < 
                              const float *restrict q, float scale, float best, float *restrict s) { \
         int64_t t0 = 0;                                                                           \
         for (; t0 + 4 * TB <= bs && t0 + 3 * TB < n; t0 += 4 * TB) {                              \
-            vf a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};                                            \
-            for (int64_t c = 0; c < D; c++) {                                                     \
-                const float qc = q[c];                                                            \
-                const T *kr = kt + c * bs + t0;                                                   \
-                a0 += qc * LOADV(kr);                                                             \
-                a1 += qc * LOADV(kr + TB);                                                        \
-                a2 += qc * LOADV(kr + 2 * TB);                                                    \
-                a3 += qc * LOADV(kr + 3 * TB);                                                    \
-            }                                                                                     \
-            best = put_lanes(a0, TB, scale, best, s + t0);                                        \
-            best = put_lanes(a1, TB, scale, best, s + t0 + TB);                                   \
-            best = put_lanes(a2, TB, scale, best, s + t0 + 2 * TB);                               \
-            best = put_lanes(a3, clamp_lanes(n - t0 - 3 * TB), scale, best, s + t0 + 3 * TB);     \
+            vf a[4] = {{0}, {0}, {0}, {0}};                                                       \
+            for (int64_t c = 0; c < D; c++) FMA4(a, q[c], kt + c * bs + t0, LOADV);               \
+            best = put_lanes(a[0], TB, scale, best, s + t0);                                      \
+            best = put_lanes(a[1], TB, scale, best, s + t0 + TB);                                 \
+            best = put_lanes(a[2], TB, scale, best, s + t0 + 2 * TB);                             \
+            best = put_lanes(a[3], clamp_lanes(n - t0 - 3 * TB), scale, best, s + t0 + 3 * TB);   \
         }                                                                                         \
         for (; t0 + TB <= bs && t0 < n; t0 += TB) {                                               \
             vf a = {0};                                                                           \
@@ -153,20 +157,10 @@ static inline int64_t clamp_lanes(int64_t left) { return left < 0 ? 0 : (left < 
                             float *restrict acc) {                                                \
         int64_t c0 = 0;                                                                           \
         for (; c0 + 4 * TB <= D; c0 += 4 * TB) {                                                  \
-            vf a0 = loadv_f32(acc + c0), a1 = loadv_f32(acc + c0 + TB);                           \
-            vf a2 = loadv_f32(acc + c0 + 2 * TB), a3 = loadv_f32(acc + c0 + 3 * TB);              \
-            for (int64_t t = 0; t < n; t++) {                                                     \
-                const float pt = p[t];                                                            \
-                const T *vr = vb + t * D + c0;                                                    \
-                a0 += pt * LOADV(vr);                                                             \
-                a1 += pt * LOADV(vr + TB);                                                        \
-                a2 += pt * LOADV(vr + 2 * TB);                                                    \
-                a3 += pt * LOADV(vr + 3 * TB);                                                    \
-            }                                                                                     \
-            memcpy(acc + c0, &a0, sizeof(vf));                                                    \
-            memcpy(acc + c0 + TB, &a1, sizeof(vf));                                               \
-            memcpy(acc + c0 + 2 * TB, &a2, sizeof(vf));                                           \
-            memcpy(acc + c0 + 3 * TB, &a3, sizeof(vf));                                           \
+            vf a[4];                                                                              \
+            memcpy(a, acc + c0, sizeof(a));                                                       \
+            for (int64_t t = 0; t < n; t++) FMA4(a, p[t], vb + t * D + c0, LOADV);                \
+            memcpy(acc + c0, a, sizeof(a));                                                       \
         }                                                                                         \
         for (; c0 + TB <= D; c0 += TB) {                                                          \
             vf a = loadv_f32(acc + c0);                                                           \

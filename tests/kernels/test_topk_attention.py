@@ -187,25 +187,29 @@ def test_batched_decode_matches_reference_per_request(hq, hkv, d, bs, rope_kind,
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_compiled_decode_matches_torch_on_cache_dtypes(dtype):
+@pytest.mark.parametrize("bs", [16, 128])
+def test_compiled_decode_matches_torch_on_cache_dtypes(dtype, bs):
     """The C pass against the torch ops on the same cache, in vLLM's cache dtypes (both read
     the stored values, so only the summation order differs), with ragged selections, shifts
-    and a padded batch."""
+    and a padded batch; block 128 (vLLM's CPU default) takes the four-tile score loop, a
+    partial last block its single tiles and single slots."""
     from vllm_kvstream.kernels import cpu_ext, plan_selected_decode, selected_decode_cpu
 
     if cpu_ext.library() is None:
         pytest.skip("no C compiler")
     gen = torch.Generator().manual_seed(3)
-    hq, hkv, d, bs = 9, 3, 64, 16
+    hq, hkv, d = 9, 3, 64
     rope = Rope.from_base(d, 100000.0, 4096)
     kv = torch.randn(40, hkv, bs, 2 * d, generator=gen).to(dtype)
     kept = [[0, 3, 4, 9, 10], [0, 1], [0, 5, 6, 7, 8, 9, 12, 13]]
-    lens = [10 * bs + 5, 2 * bs, 13 * bs + 1]
+    lens = [10 * bs + (53 if bs > 64 else 5), 2 * bs, 13 * bs + 1]  # 53: the four-tile loop, 5 lanes of its last tile
     width = max(map(len, kept))
     perm = torch.randperm(40, generator=gen)
     blocks = torch.stack([torch.cat((perm[i * 8 : i * 8 + len(k)], perm[i * 8 : i * 8 + 1].expand(width - len(k))))
                           for i, k in enumerate(kept)])
     shift = torch.nn.utils.rnn.pad_sequence([evicted_after(torch.tensor(k)) * bs for k in kept], batch_first=True)
+    for i, (k, L) in enumerate(zip(kept, lens)):  # the slots after each query: huge keys (the torch ops mask them)
+        kv.view(40, hkv, 2, d, bs)[int(blocks[i, len(k) - 1])][:, 0, :, L - k[-1] * bs :] = 1e2  # keys: [D][bs]
     rows = torch.tensor([1, 0, 2])
     plan = plan_selected_decode(rows, torch.tensor([len(k) for k in kept]),
                                 torch.tensor([L - k[-1] * bs for k, L in zip(kept, lens)]), width=width, block_size=bs)
