@@ -557,18 +557,22 @@ def quant_write_cpu(
     # Blocks this write fills whole (a prefill chunk's inner blocks; slots are distinct, so
     # block_size tokens of one block are its every slot), none of their tokens a sink: their
     # own channel ranges, encoded together (_write_whole).
-    ub, inv, cnt = torch.unique(blocks, return_inverse=True, return_counts=True)
-    sinks_in = torch.zeros(len(ub), dtype=torch.long).index_add_(0, inv, (positions < L.sink_tokens).long())
-    whole_blk = (cnt == bs) & (sinks_in == 0)
-    whole = whole_blk[inv]
-    if int(batched.sum()) < least and not bool(whole_blk.any()):
+    # Fewer tokens than a block (every decode step) fill none: the decode path pays nothing.
+    any_whole = False
+    if n >= bs:
+        ub, inv, cnt = torch.unique(blocks, return_inverse=True, return_counts=True)
+        sinks_in = torch.zeros(len(ub), dtype=torch.long).index_add_(0, inv, (positions < L.sink_tokens).long())
+        whole_blk = (cnt == bs) & (sinks_in == 0)
+        any_whole = bool(whole_blk.any())
+    whole = whole_blk[inv] if any_whole else torch.zeros(n, dtype=torch.bool)
+    if int(batched.sum()) < least and not any_whole:
         quant_write_ref(key, value, cache, slots, positions, stats, L, rope=rope, is_neox_style=is_neox_style)
         return
     neox = _pairing(is_neox_style, rope)
     k, v = _pre_rope(key, value, positions, rope)
     is_sink = _sinks_and_stats(k, positions, stats, L)
     view = PageView(cache, L)
-    if bool(whole_blk.any()):
+    if any_whole:
         rank = torch.cumsum(whole_blk.long(), 0) - 1  # whole block -> its row
         w = torch.nonzero(whole).flatten()
         order = torch.empty(int(whole_blk.sum()), bs, dtype=torch.long)

@@ -121,7 +121,9 @@ def test_evicted_after_and_key_norms():
 def _compiled_param():
     from vllm_kvstream.kernels import cpu_ext
 
-    return pytest.param(True, marks=pytest.mark.skipif(cpu_ext.library() is None, reason="no C compiler"))
+    # Justified: the C form exists only where a compiler does; the torch variant runs regardless.
+    return pytest.param(True, marks=pytest.mark.skipif(cpu_ext.library() is None,
+                                                       reason="no C compiler: the torch ops serve"))
 
 
 @pytest.mark.parametrize(("hq", "hkv", "d", "bs"), [(4, 2, 16, 4), (3, 3, 24, 8), (6, 2, 8, 5)])
@@ -196,7 +198,8 @@ def test_compiled_decode_matches_torch_on_cache_dtypes(dtype, bs):
     from vllm_kvstream.kernels import cpu_ext, plan_selected_decode, selected_decode_cpu
 
     if cpu_ext.library() is None:
-        pytest.skip("no C compiler")
+        # Justified: the C form exists only where a compiler does; the torch ops run regardless.
+        pytest.skip("no C compiler: the torch ops serve")
     gen = torch.Generator().manual_seed(3)
     hq, hkv, d = 9, 3, 64
     rope = Rope.from_base(d, 100000.0, 4096)
