@@ -1,5 +1,5 @@
-/* Shared by the CPU helpers (kernels/cpu_ext.py builds them): OpenMP thread helpers, fp16
- * conversions, and the quantized page layout as kernels/cpu_ext.py passes it (18 int64 words
+/* Shared by the CPU helpers (kernels/cpu_ext.py builds them): OpenMP thread helpers, fp16 and
+ * bf16 conversions, exp of non-positive floats, and the quantized page layout as kernels/cpu_ext.py passes it (18 int64 words
  * in this order, see _layout_words). */
 #ifndef KVSTREAM_CPU_H
 #define KVSTREAM_CPU_H
@@ -80,17 +80,26 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 /* exp(x) for x <= 0 (scores minus their running max): 2^(x log2 e) split into an integer
  * power (exponent bits) and 2^f on [-0.5, 0.5] by a degree-6 polynomial, relative error
  * below 2e-7 (expf's own is 1 ulp); inline, so the loops over slots vectorize. */
+/* log2(e) and the polynomial's coefficients (2^f = 1 + C1 f + ... + C6 f^6), shared with the
+ * vector form in selected_decode.c. */
+#define EXP2_LOG2E 1.4426950408889634f
+#define EXP2_C1 6.9314718055994531e-1f
+#define EXP2_C2 2.4022650695910071e-1f
+#define EXP2_C3 5.5504108664821580e-2f
+#define EXP2_C4 9.6181291076284772e-3f
+#define EXP2_C5 1.3333558146428443e-3f
+#define EXP2_C6 1.5403530393381606e-4f
 static inline float exp_nonpos(float x) {
     if (x < -87.0f) return 0.0f;
-    const float y = x * 1.4426950408889634f;
+    const float y = x * EXP2_LOG2E;
     const float n = __builtin_floorf(y + 0.5f);
     const float f = y - n;
-    float p = 1.5403530393381606e-4f;
-    p = p * f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
+    float p = EXP2_C6;
+    p = p * f + EXP2_C5;
+    p = p * f + EXP2_C4;
+    p = p * f + EXP2_C3;
+    p = p * f + EXP2_C2;
+    p = p * f + EXP2_C1;
     p = p * f + 1.0f;
     const int32_t e = ((int32_t)n + 127) << 23;
     float scale;

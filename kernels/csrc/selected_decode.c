@@ -56,14 +56,14 @@ static inline vf vexp_nonpos(vf x) {
     memcpy(&cbits, &clamp, 4);
     bits = (bits & ~low) | (cbits & low);
     memcpy(&x, &bits, sizeof(x));
-    const vf y = x * 1.4426950408889634f;
+    const vf y = x * EXP2_LOG2E;
     const vf r = (y + 12582912.0f) - 12582912.0f;
     const vf f = y - r;
-    vf p = 1.5403530393381606e-4f * f + 1.3333558146428443e-3f;
-    p = p * f + 9.6181291076284772e-3f;
-    p = p * f + 5.5504108664821580e-2f;
-    p = p * f + 2.4022650695910071e-1f;
-    p = p * f + 6.9314718055994531e-1f;
+    vf p = EXP2_C6 * f + EXP2_C5;
+    p = p * f + EXP2_C4;
+    p = p * f + EXP2_C3;
+    p = p * f + EXP2_C2;
+    p = p * f + EXP2_C1;
     p = p * f + 1.0f;
     const vi e = (__builtin_convertvector(r, vi) + 127) << 23;
     vf scale;
@@ -207,8 +207,10 @@ ACC_FN(acc_bf16, uint16_t, load_bf16, loadv_bf16)
             for (int64_t j = 0; j < m; j++) { /* pass 1: scores and their max */                      \
                 const int64_t n = j == m - 1 ? tails[r] : bs;                                         \
                 const T *kt = cache + blocks[r * M + j] * block_stride + h * head_stride;             \
-                memcpy(qr, q, sizeof(float) * G * D);                                                 \
+                const float *qb = q; /* the group's queries for this block: as given, or rotated */    \
                 if (cosv) { /* NeoX pairs (i, i + rd/2), GPT-J (2i, 2i+1), as Rope.apply */            \
+                    memcpy(qr, q, sizeof(float) * G * D); /* channels past rd pass through */          \
+                    qb = qr;                                                                          \
                     const float *cs = cosv + (r * M + j) * half_rd, *sn = sinv + (r * M + j) * half_rd;  \
                     for (int64_t g = 0; g < G; g++) {                                                 \
                         const float *x = q + g * D;                                                   \
@@ -221,7 +223,7 @@ ACC_FN(acc_bf16, uint16_t, load_bf16, loadv_bf16)
                     }                                                                                 \
                 }                                                                                     \
                 for (int64_t g = 0; g < G; g++)                                                       \
-                    mx[g] = SCORE(kt, bs, D, n, qr + g * D, scale, mx[g], sc + (j * G + g) * bs);    \
+                    mx[g] = SCORE(kt, bs, D, n, qb + g * D, scale, mx[g], sc + (j * G + g) * bs);    \
             }                                                                                         \
             memset(acc, 0, sizeof(float) * G * D);                                                    \
             for (int64_t g = 0; g < G; g++) l[g] = 0.0f;                                              \

@@ -111,9 +111,8 @@ class LayerSelection:
     selection: BlockSelection
     #: Contents living outside their own block: logical block -> physical block.
     moved: dict[int, int] = field(default_factory=dict)
-    #: Steady decode: physical blocks, shifts and the query's back-rotation for
-    #: ``selection.kept``; dropped whenever the slow path runs (it may change the kept set or
-    #: move contents).
+    #: Steady decode: physical blocks and shifts of ``selection.kept``; dropped whenever the
+    #: slow path runs (it may change the kept set or move contents).
     plan: tuple | None = None
     #: Queries run by the stock kernel and not scored yet (``attention`` score): each a
     #: ``(queries of a step, row)`` pair, at consecutive positions ending at
@@ -127,13 +126,11 @@ class LayerSelection:
     #: the stacked plans of a step's requests is keyed by these.
     plan_id: int = -1
 
-    def decode_plan(self, row: tuple[int, ...], block_size: int, rope: Rope | None) -> tuple:
+    def decode_plan(self, row: tuple[int, ...], block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.plan is None:
             kept = self.selection.kept
             phys = torch.tensor([self.location(lb, row) for lb in kept])
-            shift = evicted_after(torch.tensor(kept)) * block_size
-            cs = rope.cos_sin(-shift) if rope is not None else None
-            self.plan = (phys, shift, cs)
+            self.plan = (phys, evicted_after(torch.tensor(kept)) * block_size)
             self.plan_id = next(_PLAN_IDS)
         return self.plan
 
@@ -314,7 +311,7 @@ class SelectionStore:
         attention over each request's kept blocks, then the mass into each selection."""
         bs = self.block_size
         self.steady_steps += len(steady)
-        plans = [layer.decode_plan(req.row, bs, rope) for req, layer in steady]
+        plans = [layer.decode_plan(req.row, bs) for req, layer in steady]
         counts = tuple(len(layer.selection.kept) for _, layer in steady)
         tails = tuple(req.seq_len - layer.selection.kept[-1] * bs for req, layer in steady)
         rows = tuple(req.q_start for req, _ in steady)
@@ -344,18 +341,18 @@ class SelectionStore:
 
     @staticmethod
     def _stack(plans, counts, width, rope):
-        """The step's per-request plans as ``[B, M]`` blocks and shifts (and their angles where
-        every request keeps as many blocks)."""
-        cos_sin = None
-        phys = [p for p, _, _ in plans]
-        shifts = [sh for _, sh, _ in plans]
+        """The step's per-request plans as ``[B, M]`` blocks and shifts, padded where requests
+        keep fewer blocks (each with its first kept block, held, so finite; shift 0), and the
+        query's back-rotation ``rope.cos_sin(-shift)`` as ``[B, M, rotary_dim // 2]`` each."""
         if min(counts) == width:
-            blocks, shift = torch.stack(phys), torch.stack(shifts)
-            if rope is not None:
-                cos_sin = (torch.stack([cs[0] for _, _, cs in plans]), torch.stack([cs[1] for _, _, cs in plans]))
-        else:  # pad with each request's first kept block (held, so finite), shift 0
-            blocks = torch.stack([torch.cat((p, p[:1].expand(width - len(p)))) for p in phys])
-            shift = torch.stack([torch.cat((sh, sh.new_zeros(width - len(sh)))) for sh in shifts])
+            blocks, shift = torch.stack([p for p, _ in plans]), torch.stack([sh for _, sh in plans])
+        else:
+            blocks = torch.stack([torch.cat((p, p[:1].expand(width - len(p)))) for p, _ in plans])
+            shift = torch.stack([torch.cat((sh, sh.new_zeros(width - len(sh)))) for _, sh in plans])
+        cos_sin = None
+        if rope is not None:
+            cos, sin = rope.cos_sin(-shift.reshape(-1))
+            cos_sin = (cos.view(*shift.shape, -1), sin.view(*shift.shape, -1))
         return blocks, shift, cos_sin
 
     def _attend(self, layer, req, query, kv_cache, key_cache, *, scale, rope, out) -> None:
