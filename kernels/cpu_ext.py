@@ -51,7 +51,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _QUANT_ARGS = [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _I64, ctypes.c_float, _PTR]
 _STORE_ARGS = [_PTR, _I64, _I64, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR]
 _SELECTED_ARGS = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR,
-                  _I64, _I64, ctypes.c_float, _PTR, _I64, _PTR, _PTR]
+                  _PTR, _PTR, _I64, _I64, ctypes.c_float, _PTR, _I64, _PTR, _PTR]
 _STAGE_ARGS = [_PTR, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR]
 
 
@@ -237,34 +237,67 @@ def _i64(x: torch.Tensor) -> torch.Tensor:
 
 
 def selected_decode(query: torch.Tensor, kv_cache: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor,
-                    counts: torch.Tensor, tails: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                    out: torch.Tensor, *, rotary_dim: int, neox: bool, scale: float) -> torch.Tensor:
+                    counts: torch.Tensor, tails: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None,
+                    out: torch.Tensor, *, rotary_dim: int, neox: bool, scale: float,
+                    los: torch.Tensor | None = None, his: torch.Tensor | None = None) -> torch.Tensor:
     """One query per request over its kept blocks (see ``csrc/selected_decode.c``); call only
     where :func:`can_stage` (the same cache layouts). ``query`` [T, heads, D], ``rows`` [B]
     its rows, written into the same rows of ``out`` (``query``'s shape); ``blocks`` [B, M]
     (read up to ``counts`` [B]; ``tails`` [B]: cached slots of the last); ``cos``/``sin``
-    [B, M, rotary_dim // 2] of each block's ``-shift`` (``None``: no rotation). Returns the
-    mass [B, M] float32."""
-    _, Hkv, bs, two_d = kv_cache.shape
-    D = two_d // 2
-    B, M = blocks.shape
-    rows = _i64(rows)
-    q = query if _rows_f32(query) else query.to(torch.float32).contiguous()
-    direct = _rows_f32(out)
-    o = out if direct else torch.empty(out.shape, dtype=torch.float32)
-    Hq = q.shape[1]
-    blocks, counts, tails = _i64(blocks), _i64(counts), _i64(tails)
-    if cos is not None:
-        cos = cos.to(torch.float32).contiguous()
-        sin = sin.to(torch.float32).contiguous()
-    heads_mass = torch.empty(B, Hkv, M, dtype=torch.float32)
-    mass = torch.empty(B, M, dtype=torch.float32)
-    fn = getattr(library(), _SELECTED_FN[kv_cache.dtype])
-    _check(fn.__name__, fn(kv_cache.data_ptr(), kv_cache.stride(0), kv_cache.stride(1), Hkv, bs, D, q.data_ptr(),
-                           q.stride(0), rows.data_ptr(), B, Hq, blocks.data_ptr(), M, counts.data_ptr(), tails.data_ptr(),
-                           cos.data_ptr() if cos is not None else None, sin.data_ptr() if sin is not None else None,
-                           rotary_dim if cos is not None else 0, int(neox), float(scale), o.data_ptr(), o.stride(0),
-                           heads_mass.data_ptr(), mass.data_ptr()))
-    if not direct:
-        out.index_copy_(0, rows, o.index_select(0, rows).to(out.dtype))
-    return mass
+    [B, M, rotary_dim // 2] of each block's ``-shift`` (``None``: no rotation). ``los``/``his``
+    [B, M]: entry ``j`` reads slots ``[los, his)`` of its block instead (``tails`` unused).
+    Returns the mass [B, M] float32."""
+    return SelectedCall(kv_cache, rows, blocks, counts, tails, cos, sin, rotary_dim=rotary_dim, neox=neox,
+                        scale=scale, los=los, his=his)(query, kv_cache, out)
+
+
+class SelectedCall:
+    """:func:`selected_decode` with everything but the query, the cache and the output bound
+    once (a decode step calls it in every layer with the same plan): per call, one ctypes call
+    and the pointers of those three. ``kv_cache``: any layer's cache of the step (shape and
+    dtype; every layer's cache has the same). A call returns the mass in a buffer of its own
+    that the next call overwrites."""
+
+    def __init__(self, kv_cache: torch.Tensor, rows: torch.Tensor, blocks: torch.Tensor, counts: torch.Tensor,
+                 tails: torch.Tensor | None, cos: torch.Tensor | None, sin: torch.Tensor | None, *, rotary_dim: int,
+                 neox: bool, scale: float, los: torch.Tensor | None = None, his: torch.Tensor | None = None) -> None:
+        if tails is None and his is None:
+            raise ValueError("vllm-kvstream: selected_decode needs tails or his (the slots each entry reads)")
+        _, Hkv, bs, two_d = kv_cache.shape
+        B, M = blocks.shape
+        self.dtype, self.shape = kv_cache.dtype, tuple(kv_cache.shape[1:])
+        self.rows = _i64(rows)
+        keep = [self.rows, _i64(blocks), _i64(counts)]
+        keep += [_i64(x) if x is not None else None for x in (tails, los, his)]
+        if cos is not None:
+            cos = cos.to(torch.float32).contiguous()
+            sin = sin.to(torch.float32).contiguous()
+        keep += [cos, sin]
+        self.mass = torch.empty(B, M, dtype=torch.float32)
+        heads_mass = torch.empty(B, Hkv, M, dtype=torch.float32)
+        self._keep = (*keep, heads_mass)  # the buffers the pointers below point into
+
+        def ptr(x):
+            return x.data_ptr() if x is not None else None
+
+        rows_, blocks_, counts_, tails_, los_, his_, cos_, sin_ = map(ptr, keep)
+        self.fn = getattr(library(), _SELECTED_FN[kv_cache.dtype])
+        self._head = (Hkv, bs, two_d // 2)
+        self._mid = (rows_, B)
+        self._tail = (blocks_, M, counts_, tails_, los_, his_, cos_, sin_, rotary_dim if cos is not None else 0,
+                      int(neox), float(scale))
+        self._mass = (heads_mass.data_ptr(), self.mass.data_ptr())
+
+    def __call__(self, query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if kv_cache.dtype != self.dtype or tuple(kv_cache.shape[1:]) != self.shape:
+            raise ValueError(f"vllm-kvstream: selected_decode bound to a {self.dtype} cache of blocks {self.shape}, "
+                             f"called with {kv_cache.dtype} {tuple(kv_cache.shape[1:])}")
+        q = query if _rows_f32(query) else query.to(torch.float32).contiguous()
+        direct = _rows_f32(out)
+        o = out if direct else torch.empty(out.shape, dtype=torch.float32)
+        _check(self.fn.__name__, self.fn(kv_cache.data_ptr(), kv_cache.stride(0), kv_cache.stride(1), *self._head,
+                                         q.data_ptr(), q.stride(0), *self._mid, q.shape[1], *self._tail, o.data_ptr(),
+                                         o.stride(0), *self._mass))
+        if not direct:
+            out.index_copy_(0, self.rows, o.index_select(0, self.rows).to(out.dtype))
+        return self.mass

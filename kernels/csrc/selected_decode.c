@@ -7,8 +7,10 @@
  * values and per-block sums). Padding blocks past counts[r] are never dereferenced; the
  * slots of the last block after the query (tails[r] slots are cached) may be loaded into
  * vector lanes that are then dropped, never into a score, weight or value, so their contents
- * (stale data, NaN) cannot leak in. Built by kernels/cpu_ext.py, called through ctypes; the torch path is
- * the reference it is tested against. */
+ * (stale data, NaN) cannot leak in. streaming-sink's decode past eviction (kernels/sink_direct.py)
+ * runs the same pass over its sink and window blocks, each entry with a slot range of its own
+ * (the sinks, the window's live slots) and the sinks' shift. Built by kernels/cpu_ext.py,
+ * called through ctypes; the torch paths are the references it is tested against. */
 /* Fused multiply-adds allowed here (the build's -ffp-contract=off is for stage_sinks.c). */
 #if defined(__clang__)
 #pragma clang fp contract(fast)
@@ -17,11 +19,11 @@
 #endif
 #include "kvstream_cpu.h"
 
-/* Scores of one query against slots [0, n) of a block's transposed keys kt[D][bs]: tiles of
- * TB slots accumulate in one vector (GCC/Clang vector extensions: one key load and one
- * multiply-add per channel; the compiler picks the machine's widths), the rest slot by
- * slot. Lanes past n in a tile inside the block are computed and dropped; a tile reaching
- * past the block is never read whole. */
+/* Scores of one query against slots [0, n) of transposed keys kt[D][stride bs] (kt may start
+ * inside a block's rows: lim slots are left in each row): tiles of TB slots accumulate in one
+ * vector (GCC/Clang vector extensions: one key load and one multiply-add per channel; the
+ * compiler picks the machine's widths), the rest slot by slot. Lanes past n in a tile inside
+ * the row are computed and dropped; a tile reaching past the row's end is never read whole. */
 #define TB 16
 typedef float vf __attribute__((vector_size(TB * sizeof(float))));
 typedef uint16_t vh __attribute__((vector_size(TB * sizeof(uint16_t))));
@@ -125,10 +127,10 @@ static inline int64_t clamp_lanes(int64_t left) { return left < 0 ? 0 : (left < 
 /* Four tiles at a time where they fit (four independent accumulators hide the multiply-add
  * latency), then single tiles, then slot by slot. */
 #define SCORE_FN(NAME, T, LOAD, LOADV)                                                            \
-    static inline float NAME(const T *restrict kt, int64_t bs, int64_t D, int64_t n,                \
+    static inline float NAME(const T *restrict kt, int64_t bs, int64_t lim, int64_t D, int64_t n,   \
                              const float *restrict q, float scale, float best, float *restrict s) { \
         int64_t t0 = 0;                                                                           \
-        for (; t0 + 4 * TB <= bs && t0 + 3 * TB < n; t0 += 4 * TB) {                              \
+        for (; t0 + 4 * TB <= lim && t0 + 3 * TB < n; t0 += 4 * TB) {                             \
             vf a[4] = {{0}, {0}, {0}, {0}};                                                       \
             for (int64_t c = 0; c < D; c++) FMA4(a, q[c], kt + c * bs + t0, LOADV);               \
             best = put_lanes(a[0], TB, scale, best, s + t0);                                      \
@@ -136,7 +138,7 @@ static inline int64_t clamp_lanes(int64_t left) { return left < 0 ? 0 : (left < 
             best = put_lanes(a[2], TB, scale, best, s + t0 + 2 * TB);                             \
             best = put_lanes(a[3], clamp_lanes(n - t0 - 3 * TB), scale, best, s + t0 + 3 * TB);   \
         }                                                                                         \
-        for (; t0 + TB <= bs && t0 < n; t0 += TB) {                                               \
+        for (; t0 + TB <= lim && t0 < n; t0 += TB) {                                              \
             vf a = {0};                                                                           \
             for (int64_t c = 0; c < D; c++) a += q[c] * LOADV(kt + c * bs + t0);                  \
             best = put_lanes(a, clamp_lanes(n - t0), scale, best, s + t0);                        \
@@ -181,14 +183,17 @@ ACC_FN(acc_bf16, uint16_t, load_bf16, loadv_bf16)
 
 /* cache: [blocks][kv heads][2][D * bs] in elements (strides given), keys [D][bs] then values
  * [bs][D]; query float32, request r's at query + rows[r] * q_stride, [Hq][D]; blocks [R][M];
- * counts, tails [R]; cosv/sinv [R][M][rd/2] the rotation by -shift of each kept block (NULL:
- * no rotation); out float32, request r's at out + rows[r] * o_stride; heads_mass [R][Hkv][M]
- * scratch (each kv head's share), mass [R][M] their sum (0 past counts[r]). */
+ * counts, tails [R]; los/his [R][M] or NULL: entry j reads slots [los, his) of its block
+ * (streaming-sink's sink block and the window's partly dead first block; one block may be
+ * two entries), else [0, bs) and [0, tails[r]) for the last; cosv/sinv [R][M][rd/2] the
+ * rotation by -shift of each entry (NULL: no rotation); out float32, request r's at
+ * out + rows[r] * o_stride; heads_mass [R][Hkv][M] scratch (each kv head's share), mass
+ * [R][M] their sum (0 past counts[r]). */
 #define SELECTED(NAME, T, SCORE, ACC)                                                                       \
     int NAME(const T *cache, int64_t block_stride, int64_t head_stride, int64_t Hkv, int64_t bs,        \
               int64_t D, const float *query, int64_t q_stride, const int64_t *rows, int64_t R,            \
               int64_t Hq, const int64_t *blocks, int64_t M, const int64_t *counts, const int64_t *tails,  \
-              const float *cosv, const float *sinv, int64_t rd, int64_t neox, float scale, float *out,    \
+              const int64_t *los, const int64_t *his, const float *cosv, const float *sinv, int64_t rd, int64_t neox, float scale, float *out,    \
               int64_t o_stride, float *heads_mass, float *mass) {                                         \
         const int64_t G = Hq / Hkv, half_rd = rd / 2;                                                 \
         const int64_t per_thread = M * G * bs + 2 * G * D + 2 * G + M * G;                         \
@@ -205,8 +210,9 @@ ACC_FN(acc_bf16, uint16_t, load_bf16, loadv_bf16)
             const float *q = query + rows[r] * q_stride + h * G * D;                                  \
             for (int64_t g = 0; g < G; g++) mx[g] = -INFINITY;                                        \
             for (int64_t j = 0; j < m; j++) { /* pass 1: scores and their max */                      \
-                const int64_t n = j == m - 1 ? tails[r] : bs;                                         \
-                const T *kt = cache + blocks[r * M + j] * block_stride + h * head_stride;             \
+                const int64_t lo = los ? los[r * M + j] : 0;                                          \
+                const int64_t n = (his ? his[r * M + j] : j == m - 1 ? tails[r] : bs) - lo;           \
+                const T *kt = cache + blocks[r * M + j] * block_stride + h * head_stride + lo;        \
                 const float *qb = q; /* the group's queries for this block: as given, or rotated */    \
                 if (cosv) { /* NeoX pairs (i, i + rd/2), GPT-J (2i, 2i+1), as Rope.apply */            \
                     memcpy(qr, q, sizeof(float) * G * D); /* channels past rd pass through */          \
@@ -223,13 +229,14 @@ ACC_FN(acc_bf16, uint16_t, load_bf16, loadv_bf16)
                     }                                                                                 \
                 }                                                                                     \
                 for (int64_t g = 0; g < G; g++)                                                       \
-                    mx[g] = SCORE(kt, bs, D, n, qb + g * D, scale, mx[g], sc + (j * G + g) * bs);    \
+                    mx[g] = SCORE(kt, bs, bs - lo, D, n, qb + g * D, scale, mx[g], sc + (j * G + g) * bs);    \
             }                                                                                         \
             memset(acc, 0, sizeof(float) * G * D);                                                    \
             for (int64_t g = 0; g < G; g++) l[g] = 0.0f;                                              \
             for (int64_t j = 0; j < m; j++) { /* pass 2: weights, values, per-block sums */            \
-                const int64_t n = j == m - 1 ? tails[r] : bs;                                         \
-                const T *vb = cache + blocks[r * M + j] * block_stride + h * head_stride + D * bs;    \
+                const int64_t lo = los ? los[r * M + j] : 0;                                          \
+                const int64_t n = (his ? his[r * M + j] : j == m - 1 ? tails[r] : bs) - lo;           \
+                const T *vb = cache + blocks[r * M + j] * block_stride + h * head_stride + D * (bs + lo); \
                 for (int64_t g = 0; g < G; g++) {                                                     \
                     float *s = sc + (j * G + g) * bs;                                                 \
                     const float top = mx[g];                                                          \

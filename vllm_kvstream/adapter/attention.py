@@ -13,7 +13,12 @@ Mechanism: the cache layout, the cache writes and, while nothing is evicted, att
 are vLLM's own CPU backend (``CPU_ATTN``), composed, not copied: a step in which no request
 has passed sink + window (every short stream; ``full`` always) runs the stock C++ kernel
 unchanged, so the plugin costs short streams nothing. A step with an evicting request reads
-its one-token (decode) requests *in place* with the same C++ kernel where the layout allows
+its one-token (decode) requests *directly* where the cache is float32 or bfloat16 and the
+compiled helpers are built (``kernels/sink_direct.py``: one compiled pass per layer over each
+request's sink and window slots where they lie, the query rotated back for the sinks; nothing
+gathered, nothing written, prefix caching or not; planned once per step). Otherwise
+(float16, no compiler, logit soft-capping, ``VLLM_KVSTREAM_DIRECT_DECODE=0``) it reads them
+*in place* with the same C++ kernel where the layout allows
 (``kernels/sink_in_place.py``: the sinks' rotated copies staged in the window's dead and free
 slots, the window's blocks as the block table, a sliding window of S + W tokens; dead slots of
 a window's first block are written only with prefix caching off, where no block is shared),
@@ -71,6 +76,7 @@ from vllm_kvstream.adapter.state import (
     policy_for,
     remember_engine_config,
 )
+from vllm_kvstream.kernels.sink_direct import DirectPlan, can_read_direct, plan_direct, sink_direct_decode
 from vllm_kvstream.kernels.sink_in_place import InPlacePlan, plan_in_place, stage_sinks_
 from vllm_kvstream.kernels import (
     DecodePlan,
@@ -102,6 +108,9 @@ _envs = probe("vllm.envs")
 #: gathers its blocks (``kernels/sink_decode.py``) instead of being read in place by the stock
 #: kernel where the layout allows (``kernels/sink_in_place.py``). For comparisons and bisecting.
 IN_PLACE_ENV = "VLLM_KVSTREAM_IN_PLACE_DECODE"
+#: ``VLLM_KVSTREAM_DIRECT_DECODE=0``: decodes past eviction skip the compiled direct read
+#: (``kernels/sink_direct.py``) and take the in-place or gathering paths. For comparisons.
+DIRECT_ENV = "VLLM_KVSTREAM_DIRECT_DECODE"
 #: Stock CPU kernel ISAs whose cache layout ``split_cpu_kv_cache`` describes.
 LAYOUT_ISAS = ("vec", "vec16")
 KVCacheLayout = probe("vllm.v1.kv_cache_interface:KVCacheLayout")
@@ -168,7 +177,9 @@ class KVStreamMetadata:
     num_actual_tokens: int
     stock: object | None  # the stock CPU metadata when no request of the step evicts
     requests: list[RequestSlice]  # requests with several query tokens (prefill chunks)
-    decode: DecodePlan | None  # requests with one query token, planned once for all layers
+    #: Requests with one query token, planned once for all layers: read directly by the
+    #: compiled pass (``DirectPlan``) where it serves the cache, else gathered (``DecodePlan``).
+    decode: DecodePlan | DirectPlan | None
     block_table: torch.Tensor
     #: One-token requests read in place by the stock kernel (``kernels/sink_in_place.py``);
     #: ``decode`` then holds the others.
@@ -200,6 +211,12 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         if flag not in ("0", "1"):
             raise ValueError(f"vllm-kvstream: {IN_PLACE_ENV}={flag!r}; allowed: '1' (default) or '0'")
         self.in_place_on = flag == "1"
+        direct = os.environ.get(DIRECT_ENV, "1")
+        if direct not in ("0", "1"):
+            raise ValueError(f"vllm-kvstream: {DIRECT_ENV}={direct!r}; allowed: '1' (default) or '0'")
+        # The compiled read serves float32/bfloat16 caches without soft-capping (checked per
+        # group, once the layers exist: see direct_on).
+        self._direct_wanted = direct == "1" and can_read_direct(kv_cache_spec.dtype)
         self._staged: dict = {}  # per pattern: the last step's staged case-B requests (plan_in_place)
         if self.in_place_on:
             cpu_ext.library()  # build the sink-staging helper now, not in a decode step (None: torch)
@@ -255,6 +272,13 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         )
 
     @cached_property
+    def direct_on(self) -> bool:
+        """Whether this group's decodes past eviction take the compiled direct read
+        (``kernels/sink_direct.py``): wanted, and no layer soft-caps its logits (the pass
+        does not)."""
+        return self._direct_wanted and not group_softcap(self.vllm_config, self.layer_names)
+
+    @cached_property
     def private_blocks(self) -> bool:
         """Whether no block is ever shared between requests (prefix caching off): the in-place
         decode may then write sink copies into the dead slots of a window's first block."""
@@ -290,6 +314,12 @@ class KVStreamMetadataBuilder(AttentionMetadataBuilder[KVStreamMetadata]):
         idx = torch.nonzero(single & in_group).flatten()
         tables = block_table[idx].cpu()
         served = idx[:0]
+        if len(idx) and self.direct_on:  # every one-token request, evicting or not, in one call
+            decode = plan_direct(qsl[idx], seq_lens[idx], tables, sink_tokens=pattern.sink_tokens,
+                                 window_tokens=pattern.window_tokens, block_size=self.block_size, rope=self.rope)
+            if trace.ENABLED:
+                trace.decode_step(pattern, [], [], seq_lens[idx].tolist())
+            return pattern, requests, decode, None
         if len(idx):
             in_place = self._in_place_plan(pattern, qsl[idx], seq_lens[idx], tables)
             if in_place is not None:  # the requests it cannot lay out go to the gathering path
@@ -417,6 +447,13 @@ def group_rope(vllm_config, layer_names) -> Rope:
     return next(iter(ropes.values()))
 
 
+def group_softcap(vllm_config, layer_names) -> bool:
+    """Whether any layer of the group soft-caps its attention logits (Gemma-2)."""
+    layers = probe("vllm.model_executor.layers.attention_layer_base:AttentionLayerBase")
+    found = probe("vllm.config:get_layers_from_vllm_config")(vllm_config, layers, layer_names)
+    return any(getattr(layer.impl, "logits_soft_cap", None) for layer in found.values())
+
+
 class KVStreamImpl(PolicyImplBase):
     serves_softcap = True
 
@@ -455,7 +492,9 @@ class KVStreamImpl(PolicyImplBase):
         for pattern, requests, decode, in_place in groups + attn_metadata.others:
             if in_place is not None:
                 self._in_place_decode(layer, query, kv_cache, in_place, out)
-            if decode is not None:
+            if isinstance(decode, DirectPlan):
+                sink_direct_decode(query, kv_cache, decode, scale=self.scale, out=out)
+            elif decode is not None:
                 sink_window_decode(
                     query, kv_cache, decode, scale=self.scale, rope=self.rope, out=out, softcap=self.logits_soft_cap,
                 )

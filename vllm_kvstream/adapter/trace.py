@@ -98,8 +98,11 @@ def position_step(pattern, block_size: int, query_start_loc, seq_lens) -> None:
     _write("position", f"{pattern.sink_tokens}+{pattern.window_tokens}", requests)
 
 
-def decode_step(pattern, in_place_lens: list[int], gathered_lens: list[int]) -> None:
-    """Which decode path each one-token request of an evicting step took (by ``seq_len``)."""
+def decode_step(pattern, in_place_lens: list[int], gathered_lens: list[int], direct_lens: list[int] = ()) -> None:
+    """Which decode path each one-token request of an evicting step took (by ``seq_len``):
+    ``direct`` (the compiled read, ``kernels/sink_direct.py``), ``in_place`` (the stock kernel
+    over staged sinks) or ``gathered``."""
     _write("decode", f"{pattern.sink_tokens}+{pattern.window_tokens}",
-           [{"seq_len": n, "path": "in_place"} for n in in_place_lens]
+           [{"seq_len": n, "path": "direct"} for n in direct_lens]
+           + [{"seq_len": n, "path": "in_place"} for n in in_place_lens]
            + [{"seq_len": n, "path": "gathered"} for n in gathered_lens])
