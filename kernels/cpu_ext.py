@@ -177,6 +177,7 @@ def can_quant_decode(cache: torch.Tensor, layout) -> bool:
     )
 
 
+@lru_cache(maxsize=64)  # per layout (a frozen dataclass) and pairing: not rebuilt every layer and step
 def _layout_words(layout, neox: bool) -> torch.Tensor:
     L = layout
     return torch.tensor([
@@ -198,7 +199,8 @@ def quant_decode(query: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
     nb = blocks.shape[1]
     query = query.to(torch.float32).contiguous()
     blocks = blocks.to(torch.int64).contiguous()
-    attended = attended.to(torch.uint8).contiguous()
+    if attended.dtype != torch.uint8 or not attended.is_contiguous():
+        attended = attended.to(torch.uint8).contiguous()
     words = _layout_words(layout, neox)
     if cos is not None:
         cos = cos.to(torch.float32).contiguous()

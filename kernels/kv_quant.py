@@ -258,9 +258,12 @@ class QuantStats:
 
     def update(self, keys: torch.Tensor) -> None:
         """Fold one write's (non-sink, pre-RoPE) keys ``[n, kv_heads, D]`` into the EMAs."""
-        first = not bool(self.ema_absmax.any())
-        for ema, x in ((self.ema_absmax, keys.abs().amax(dim=0)), (self.ema_min, keys.amin(dim=0)),
-                       (self.ema_max, keys.amax(dim=0))):
+        # Seeded stays true once the EMAs hold a value (they never return to all zero but by
+        # underflow): a decode step then skips the check's sync, in every layer.
+        first = not (self.__dict__.get("_seeded") or bool(self.ema_absmax.any()))
+        self.__dict__["_seeded"] = True
+        lo, hi = torch.aminmax(keys, dim=0)
+        for ema, x in ((self.ema_absmax, torch.maximum(hi, -lo)), (self.ema_min, lo), (self.ema_max, hi)):
             if first:
                 ema.copy_(x)
             else:
@@ -570,6 +573,10 @@ def quant_write_cpu(
         return
     neox = _pairing(is_neox_style, rope)
     k, v = _pre_rope(key, value, positions, rope)
+    if use_c and not any_whole and bool(batched.all()):  # every decode step: one C pass, no views
+        stats.update(k)  # batched tokens are no sinks
+        cpu_ext.quant_store_alone(cache, blocks, offsets, k, v, L, neox=neox)
+        return
     is_sink = _sinks_and_stats(k, positions, stats, L)
     view = PageView(cache, L)
     if any_whole:
@@ -880,8 +887,11 @@ def quant_sink_window_decode_cpu(
                 cs = tuple(x.view(shape).transpose(-1, -2).contiguous() for x in (cos, sin))
                 plan.workspace["key_cos_sin_t"] = cs
             cos, sin = cs
+        attended = plan.workspace.get("attended_u8")
+        if attended is None:  # once per step
+            attended = plan.workspace["attended_u8"] = plan.attended.to(torch.uint8).contiguous()
         q = query.index_select(0, plan.rows)
-        o = cpu_ext.quant_decode(q, cache, plan.blocks, plan.attended, cos, sin, layout, scale=scale, neox=neox,
+        o = cpu_ext.quant_decode(q, cache, plan.blocks, attended, cos, sin, layout, scale=scale, neox=neox,
                                  rotary_dim=rope.rotary_dim if rope is not None else 0)
         out.index_copy_(0, plan.rows, o.to(out.dtype))
         return out

@@ -38,7 +38,7 @@ CUDA wheel without a GPU (README, "What was tested where").
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import ClassVar
 
@@ -106,6 +106,14 @@ class QuantStepMetadata:
     #: CPU, keys before RoPE: the step's one-token requests, planned once for every layer
     #: (``kernels.quant_sink_window_decode_cpu``); ``requests`` then holds the chunks alone.
     decode: DecodePlan | None = None
+    #: What every layer of the step derives alike, made by the first (``once``).
+    workspace: dict = field(default_factory=dict)
+
+    def once(self, name: str, make):
+        value = self.workspace.get(name)
+        if value is None:
+            value = self.workspace[name] = make()
+        return value
 
 
 def token_positions(query_start_loc: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
@@ -332,11 +340,11 @@ class KVStreamQuantImpl(PolicyImplBase):
         post = self.quant is not None and self.quant.config.key_rope == "post"  # ablation: keys as the model rotated them
         if key is not None and value is not None:
             k = key[:n].view(n, self.num_kv_heads, self.head_size).float()
-            if not post:
-                k = rope.rotate(k, -positions)
+            if not post:  # back to pre-RoPE: the step's angles computed once, for every layer
+                k = rope.apply(k, *md.once("unrotate", lambda: rope.cos_sin(-positions)))
             v = value[:n].view(n, self.num_kv_heads, self.head_size)
-            valid = md.slots >= 0
-            if not bool(valid.all()):
+            valid = md.once("valid", lambda: md.slots >= 0)
+            if not md.once("all_valid", lambda: bool(valid.all())):
                 k, v, slots, pos = k[valid], v[valid], md.slots[valid], positions[valid]
             else:
                 slots, pos = md.slots, positions
