@@ -180,44 +180,10 @@ def test_block_aligned_default_holds_its_budget_and_matches_the_oracle(tiny_mode
     assert max(abs(a - b) for a, b in zip(res["logprobs"], expected)) < 2e-3
 
 
-def test_in_place_decode_matches_the_oracle_and_runs(tiny_model, tmp_path):
-    """Decodes past eviction read in place by vLLM's kernel (``kernels/sink_in_place.py``) at
-    the block-aligned default with private blocks (prefix caching off): the trace shows every
-    evicting decode in place but the one step in a block where the window is block aligned,
-    and two concurrent streams' log-probabilities are StreamingLLM's (same oracle, tolerance)."""
-    import json
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from vllm_kvstream.reference.streaming_llm import streaming_logprobs
-
-    prompts = [[7, 1234, 99, 4321, 555], list(range(3000, 3037))]
-    steps = 3 * (SINK + WINDOW)
-    job = {"prompts": prompts, "sampling": {"max_tokens": steps, "temperature": 0.0, "logprobs": 0, "ignore_eos": True}}
-    aligned = {"kv_policy": "streaming-sink", "kv_policy_config": {"sink_tokens": SINK, "window_tokens": WINDOW}}
-    out = run_engine(tiny_engine(tiny_model, additional_config=aligned, enable_prefix_caching=False), [job],
-                     env={"VLLM_KVSTREAM_TRACE_DIR": str(tmp_path), "VLLM_KVSTREAM_DIRECT_DECODE": "0"})
-    lines = [json.loads(x) for x in (tmp_path / "rank0.jsonl").read_text().splitlines()]
-    paths = [(r["seq_len"], r["path"]) for x in lines if x["kind"] == "decode" for r in x["requests"]]
-    past = [(n, path) for n, path in paths if n > SINK + WINDOW]  # past eviction (16 + 48 at block 16)
-    assert len(past) > steps
-    assert all(path == ("gathered" if n % BLOCK == 0 else "in_place") for n, path in past)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
-    for prompt, res in zip(prompts, out["jobs"][0]["results"]):
-        tokens = prompt + res["token_ids"]
-        ref = streaming_logprobs(model, tokens, sink_tokens=16, window_tokens=48)
-        expected = [float(ref[len(prompt) + i - 1, t]) for i, t in enumerate(res["token_ids"])]
-        assert max(abs(a - b) for a, b in zip(res["logprobs"], expected)) < 2e-3
-
-
-@pytest.mark.skipif(not _c_helpers(), reason="the direct read is the compiled pass; this machine builds no C helpers")
-@pytest.mark.parametrize("prefix_caching", [False, True])
-def test_direct_decode_matches_the_oracle_and_runs(tiny_model, tmp_path, prefix_caching):
-    """The default decode past eviction: the compiled pass reads every one-token request's sink
-    and window slots in place (``kernels/sink_direct.py``), at every step (block-aligned
-    windows too), with or without prefix caching (it writes nothing); two concurrent streams'
-    log-probabilities are StreamingLLM's (same oracle, tolerance)."""
+def _decode_paths_and_oracle(tiny_model, tmp_path, *, prefix_caching: bool, env: dict):
+    """Two concurrent streams at the block-aligned default, traced: ``(seq_len, path)`` of
+    every decode past eviction (16 + 48 at block 16), after checking both streams'
+    log-probabilities against StreamingLLM's (same oracle, tolerance)."""
     import json
 
     import torch
@@ -230,15 +196,36 @@ def test_direct_decode_matches_the_oracle_and_runs(tiny_model, tmp_path, prefix_
     job = {"prompts": prompts, "sampling": {"max_tokens": steps, "temperature": 0.0, "logprobs": 0, "ignore_eos": True}}
     aligned = {"kv_policy": "streaming-sink", "kv_policy_config": {"sink_tokens": SINK, "window_tokens": WINDOW}}
     out = run_engine(tiny_engine(tiny_model, additional_config=aligned, enable_prefix_caching=prefix_caching), [job],
-                     env={"VLLM_KVSTREAM_TRACE_DIR": str(tmp_path)})
-    lines = [json.loads(x) for x in (tmp_path / "rank0.jsonl").read_text().splitlines()]
-    paths = [(r["seq_len"], r["path"]) for x in lines if x["kind"] == "decode" for r in x["requests"]]
-    past = [(n, path) for n, path in paths if n > SINK + WINDOW]
-    assert len(past) > steps
-    assert {path for _, path in past} == {"direct"}
+                     env={"VLLM_KVSTREAM_TRACE_DIR": str(tmp_path), **env})
     model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
     for prompt, res in zip(prompts, out["jobs"][0]["results"]):
         tokens = prompt + res["token_ids"]
         ref = streaming_logprobs(model, tokens, sink_tokens=16, window_tokens=48)
         expected = [float(ref[len(prompt) + i - 1, t]) for i, t in enumerate(res["token_ids"])]
         assert max(abs(a - b) for a, b in zip(res["logprobs"], expected)) < 2e-3
+    lines = [json.loads(x) for x in (tmp_path / "rank0.jsonl").read_text().splitlines()]
+    paths = [(r["seq_len"], r["path"]) for x in lines if x["kind"] == "decode" for r in x["requests"]]
+    past = [(n, path) for n, path in paths if n > SINK + WINDOW]
+    assert len(past) > steps
+    return past
+
+
+def test_in_place_decode_matches_the_oracle_and_runs(tiny_model, tmp_path):
+    """With the direct read off, decodes past eviction are read in place by vLLM's kernel
+    (``kernels/sink_in_place.py``) at the block-aligned default with private blocks (prefix
+    caching off): the trace shows every evicting decode in place but the one step in a block
+    where the window is block aligned, and the streams match the oracle."""
+    past = _decode_paths_and_oracle(tiny_model, tmp_path, prefix_caching=False,
+                                    env={"VLLM_KVSTREAM_DIRECT_DECODE": "0"})
+    assert all(path == ("gathered" if n % BLOCK == 0 else "in_place") for n, path in past)
+
+
+@pytest.mark.skipif(not _c_helpers(), reason="the direct read is the compiled pass; this machine builds no C helpers")
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_direct_decode_matches_the_oracle_and_runs(tiny_model, tmp_path, prefix_caching):
+    """The default decode past eviction: the compiled pass reads every one-token request's sink
+    and window slots in place (``kernels/sink_direct.py``), at every step (block-aligned
+    windows too), with or without prefix caching (it writes nothing), and the streams match
+    the oracle."""
+    past = _decode_paths_and_oracle(tiny_model, tmp_path, prefix_caching=prefix_caching, env={})
+    assert {path for _, path in past} == {"direct"}
