@@ -249,33 +249,8 @@ def selected_decode(query: torch.Tensor, kv_cache: torch.Tensor, rows: torch.Ten
     [B, M, rotary_dim // 2] of each block's ``-shift`` (``None``: no rotation). ``los``/``his``
     [B, M]: entry ``j`` reads slots ``[los, his)`` of its block instead (``tails`` unused).
     Returns the mass [B, M] float32."""
-    _, Hkv, bs, two_d = kv_cache.shape
-    B, M = blocks.shape
-    rows = _i64(rows)
-    q = query if _rows_f32(query) else query.to(torch.float32).contiguous()
-    direct = _rows_f32(out)
-    o = out if direct else torch.empty(out.shape, dtype=torch.float32)
-    blocks, counts = _i64(blocks), _i64(counts)
-    tails, los, his = (_i64(x) if x is not None else None for x in (tails, los, his))
-    if tails is None and his is None:
-        raise ValueError("vllm-kvstream: selected_decode needs tails or his (the slots each entry reads)")
-    if cos is not None:
-        cos = cos.to(torch.float32).contiguous()
-        sin = sin.to(torch.float32).contiguous()
-    heads_mass = torch.empty(B, Hkv, M, dtype=torch.float32)
-    mass = torch.empty(B, M, dtype=torch.float32)
-
-    def ptr(x):
-        return x.data_ptr() if x is not None else None
-
-    fn = getattr(library(), _SELECTED_FN[kv_cache.dtype])
-    _check(fn.__name__, fn(kv_cache.data_ptr(), kv_cache.stride(0), kv_cache.stride(1), Hkv, bs, two_d // 2, q.data_ptr(),
-                           q.stride(0), rows.data_ptr(), B, q.shape[1], blocks.data_ptr(), M, counts.data_ptr(), ptr(tails),
-                           ptr(los), ptr(his), ptr(cos), ptr(sin), rotary_dim if cos is not None else 0, int(neox),
-                           float(scale), o.data_ptr(), o.stride(0), heads_mass.data_ptr(), mass.data_ptr()))
-    if not direct:
-        out.index_copy_(0, rows, o.index_select(0, rows).to(out.dtype))
-    return mass
+    return SelectedCall(kv_cache, rows, blocks, counts, tails, cos, sin, rotary_dim=rotary_dim, neox=neox,
+                        scale=scale, los=los, his=his)(query, kv_cache, out)
 
 
 class SelectedCall:

@@ -57,7 +57,7 @@ Why this method (after KVQuant, Hooper et al. 2024, and seed 001):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -248,6 +248,8 @@ class QuantStats:
     decay: float = 0.99
     #: Fraction of (head, channel) pairs whose EMA exceeds ``outlier_ratio`` x the head's median.
     outlier_ratio: float = 6.0
+    #: Whether a write has set the EMAs (then :meth:`update` need not look at them).
+    seeded: bool = field(default=False, init=False, repr=False, compare=False)
 
     @classmethod
     def empty(cls, num_kv_heads: int, head_size: int, decay: float = 0.99, device=None) -> QuantStats:
@@ -260,8 +262,8 @@ class QuantStats:
         """Fold one write's (non-sink, pre-RoPE) keys ``[n, kv_heads, D]`` into the EMAs."""
         # Seeded stays true once the EMAs hold a value (they never return to all zero but by
         # underflow): a decode step then skips the check's sync, in every layer.
-        first = not (self.__dict__.get("_seeded") or bool(self.ema_absmax.any()))
-        self.__dict__["_seeded"] = True
+        first = not (self.seeded or bool(self.ema_absmax.any()))
+        self.seeded = True
         lo, hi = torch.aminmax(keys, dim=0)
         for ema, x in ((self.ema_absmax, torch.maximum(hi, -lo)), (self.ema_min, lo), (self.ema_max, hi)):
             if first:
