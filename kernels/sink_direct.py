@@ -123,12 +123,12 @@ def sink_direct_decode(query: torch.Tensor, kv_cache: torch.Tensor, plan: Direct
     dense (``cpu_ext.can_stage``). Writes rows ``plan.rows`` of ``out``."""
     if kv_cache.shape[2] != plan.block_size:
         raise ValueError(f"cache block size {kv_cache.shape[2]} != planned block size {plan.block_size}")
-    if not cpu_ext.can_stage(kv_cache):
-        raise ValueError(f"vllm-kvstream: the direct decode reads float32 or bfloat16 caches in vLLM's CPU "
-                         f"layout with the compiled helpers built; got {kv_cache.dtype} (can_read_direct says where)")
     key = (float(scale), kv_cache.dtype, tuple(kv_cache.shape[1:]))
     call = plan.calls.get(key)
-    if call is None:
+    if call is None:  # checked once per step and key: every layer's cache has the same layout
+        if not cpu_ext.can_stage(kv_cache):
+            raise ValueError(f"vllm-kvstream: the direct decode reads float32 or bfloat16 caches in vLLM's CPU "
+                             f"layout with the compiled helpers built; got {kv_cache.dtype} (can_read_direct says where)")
         counts = torch.full((len(plan.rows),), plan.blocks.shape[1], dtype=torch.long)
         call = plan.calls[key] = cpu_ext.SelectedCall(
             kv_cache, plan.rows, plan.blocks, counts, None, plan.cos, plan.sin, rotary_dim=plan.rotary_dim,
